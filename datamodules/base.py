@@ -1,0 +1,142 @@
+"""Shared plumbing of the classification datamodules: label sets, seeded splits, loaders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.tables import DataError
+
+
+def default_num_workers() -> int:
+    """Loader processes: up to 4, leaving one core to the training process."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def seeded_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a seeded train/validation split, stratified by label where every class has 2+ samples."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    counts = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.array([])
+    stratify = labels if len(counts) and counts[counts > 0].min() >= 2 else None
+    n_val = max(1, round(val_fraction * len(labels)))
+    if n_val >= len(labels):
+        raise DataError(
+            f"cannot hold out {val_fraction:.0%} of {len(labels)} samples for validation and keep training data"
+        )
+    if stratify is not None and n_val < len(set(labels)):
+        stratify = None
+    train, val = train_test_split(indices, test_size=n_val, random_state=seed, shuffle=True, stratify=stratify)
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
+def map_labels(
+    values: Sequence[Any], class_names: Sequence[str], where: str, label_column: str | int | None = None
+) -> list[int]:
+    """Map raw label values to indices of ``class_names``; an unknown value is an error naming it and the row."""
+    index = {name: i for i, name in enumerate(class_names)}
+    out = []
+    for row, value in enumerate(values, 1):
+        key = _label_key(value)
+        if key not in index:
+            raise DataError(
+                f"label {value!r} in {where} (row {row}) is not in the label set {list(class_names)}; "
+                f"fix the row, add the label to 'labels', or check label_column={label_column!r}"
+            )
+        out.append(index[key])
+    return out
+
+
+def _label_key(value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "<missing>"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def label_set(values: Sequence[Any]) -> list[str]:
+    """Sorted distinct label values as strings (numerically when they are all integers)."""
+    keys = {_label_key(v) for v in values}
+    keys.discard("<missing>")
+    try:
+        return sorted(keys, key=int)
+    except ValueError:
+        return sorted(keys)
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base of the classification datamodules.
+
+    Subclasses fill ``self.class_names`` in ``__init__`` (so ``num_classes`` is known before
+    the model is built) and ``self.datasets[stage]`` in ``setup``.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int | None, val_fraction: float, seed: int) -> None:
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if num_workers is not None and num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.class_names: list[str] = []
+        self.datasets: dict[str, Dataset] = {}
+        self.collate_fn: Callable | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        if stage not in self.datasets:
+            raise DataError(f"no {stage} data: set the {stage} file or folder of {type(self).__name__}")
+        return DataLoader(
+            self.datasets[stage],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+    def prediction_id(self, index: int) -> str:
+        """The identifier written next to a prediction of sample ``index`` of the predict set."""
+        return str(index)
+
+    def check_not_empty(self, stage: str, size: int, source: Any) -> None:
+        if size == 0:
+            raise DataError(f"the {stage} split is empty (from {source}); give it at least one sample")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_names": list(self.class_names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("class_names")
+        if saved is not None and self.class_names and list(saved) != list(self.class_names):
+            raise DataError(
+                f"the checkpoint was trained on labels {saved} but this data has {self.class_names}; "
+                "use the same label set (set 'labels' explicitly) to resume"
+            )

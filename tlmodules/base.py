@@ -1,0 +1,163 @@
+"""The one shared base class: named parameter groups, optimizer and schedule, metrics, logging.
+
+Subclasses own the learning logic. They describe their parameters as named groups
+(:class:`ParamGroup`) and this class turns them into one optimizer whose group structure never
+changes during a run (frozen parameters stay in it without gradients), so a checkpoint's
+optimizer state always fits a resumed run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from tlmodules.schedules import lr_shape
+
+OptimizerName = Literal["adamw", "sgd"]
+
+
+@dataclass
+class ParamGroup:
+    """A named set of parameters with a learning-rate multiplier (relative to ``lr``)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_mult: float = 1.0
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(inputs, labels)`` from a dict batch (``inputs``/``labels``) or a tuple ``(x, y)``/``(x,)``."""
+    if isinstance(batch, Mapping):
+        return batch["inputs"], batch.get("labels")
+    if isinstance(batch, list | tuple):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy (micro) and macro-F1, logged as ``<prefix>acc`` and ``<prefix>f1_macro``."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+class TransferModule(pl.LightningModule):
+    """Shared plumbing for the tlmodules techniques.
+
+    Subclasses set ``self.hparams`` fields ``lr``, ``weight_decay``, ``optimizer``, ``momentum``,
+    ``lr_schedule`` and ``warmup_fraction`` (via ``save_hyperparameters``) and implement
+    :meth:`parameter_groups`; they may override :meth:`dynamic_lr_factor` for phase-dependent rates.
+    """
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def parameter_groups(self) -> list[ParamGroup]:
+        raise NotImplementedError
+
+    def dynamic_lr_factor(self, group_name: str) -> float:
+        """A multiplier that may change with the epoch (e.g. LP-FT's phase); 1 by default."""
+        return 1.0
+
+    def training_progress(self, step: int) -> float:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        return 0.0 if not math.isfinite(total) or total <= 0 else min(1.0, step / total)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups: list[dict[str, Any]] = []
+        for group in self.parameter_groups():
+            decay = [p for p in group.params if p.ndim > 1]
+            no_decay = [p for p in group.params if p.ndim <= 1]
+            for suffix, params, wd in (("", decay, hp.weight_decay), (".no_decay", no_decay, 0.0)):
+                if params:
+                    groups.append(
+                        {
+                            "name": group.name + suffix,
+                            "base_name": group.name,
+                            "params": params,
+                            "lr": hp.lr * group.lr_mult,
+                            "weight_decay": wd,
+                        }
+                    )
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        elif hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        else:
+            raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose adamw or sgd")
+
+        def factor_for(base_name: str):
+            def factor(step: int) -> float:
+                shape = lr_shape(hp.lr_schedule, self.training_progress(step), hp.warmup_fraction)
+                return shape * self.dynamic_lr_factor(base_name)
+
+            return factor
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g["base_name"]) for g in groups])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- metrics and logging --------------------------------------------------------------------
+    def _build_classification_metrics(self, num_classes: int) -> None:
+        self.train_metrics = classification_metrics(num_classes, "train/")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
+
+    def log_learning_rates(self) -> None:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        rates = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups if not g["name"].endswith("no_decay")}
+        self.log_dict(rates, on_step=True, on_epoch=False)
+
+    def log_confusion_matrix(self, metric: MulticlassConfusionMatrix, tag: str, class_names: Sequence[str]) -> None:
+        """Compute (synchronised across processes) and write a confusion-matrix figure to TensorBoard."""
+        matrix = metric.compute()
+        metric.reset()
+        if not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking:
+            return
+        if self.global_rank != 0:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        size = max(4.0, 0.45 * len(class_names) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        metric.plot(val=matrix, ax=ax, labels=list(class_names), add_text=len(class_names) <= 20)
+        ax.set_title(f"{tag} (step {self.global_step})")
+        self.logger.experiment.add_figure(tag, fig, global_step=self.global_step, close=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint records about this module beyond its state dict (subclasses extend)."""
+        return {"module": type(self).__name__}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tlmodules"] = self.checkpoint_meta()
+
+    def check_checkpoint_meta(self, checkpoint: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint written by another module type, with a message that says so."""
+        meta = checkpoint.get("tlmodules")
+        if meta is None:
+            raise ValueError("this checkpoint was not written by tlmodules (no 'tlmodules' entry)")
+        if meta.get("module") != type(self).__name__:
+            raise ValueError(
+                f"this checkpoint was written by {meta.get('module')}, not {type(self).__name__}; "
+                f"load it with {meta.get('module')}, or use it as a backbone with backbone='ckpt:<path>'"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_meta(checkpoint)

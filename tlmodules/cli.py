@@ -1,0 +1,57 @@
+"""The LightningCLI behind ``train.py``: fit / validate / test / predict from one YAML recipe.
+
+The backbone is written once, in the model: its spec and weights flow to the datamodule (which
+derives the preprocessing from them), and the datamodule's label set flows back to the model
+(``num_classes``, ``class_names``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from tlmodules.predictions import PredictionWriter
+
+
+def spec_or_none(backbone: Any) -> str | None:
+    """Only a spec string tells the datamodule how to preprocess; a module object does not."""
+    return backbone if isinstance(backbone, str) else None
+
+
+class TransferCLI(LightningCLI):
+    """LightningCLI with tlmodules' links and defaults (TensorBoard under ``runs/``, best and last checkpoints)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.logger": {
+                    "class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}",
+                    "init_args": {"save_dir": "runs", "name": "tlmodules"},
+                },
+            }
+        )
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", compute_fn=spec_or_none)
+        parser.link_arguments("model.init_args.weights", "data.init_args.weights")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> TransferCLI:
+    return TransferCLI(args=args)

@@ -1,0 +1,33 @@
+"""New layers put on top of a backbone. All return logits (use ``cross_entropy`` / ``*_with_logits``)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class ClassificationHead(nn.Module):
+    """Linear (``hidden=0``) or one-hidden-layer MLP classifier.
+
+    Input ``(B, in_features)`` → logits ``(B, num_classes)``; the same works per token on
+    ``(B, T, in_features)``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if hidden > 0:
+            self.net = nn.Sequential(
+                nn.Dropout(dropout),
+                nn.Linear(in_features, hidden),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, num_classes),
+            )
+        else:
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+        self.in_features = in_features
+        self.num_classes = num_classes
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)
