@@ -46,7 +46,8 @@ def map_labels(
         key = _label_key(value)
         if key not in index:
             raise DataError(
-                f"label {value!r} in {where} (row {row}) is not in the label set {list(class_names)}; "
+                f"label {value!r} in {where} (data row {row}, header excluded) is not in the label set "
+                f"{list(class_names)}; "
                 f"fix the row, add the label to 'labels', or check label_column={label_column!r}"
             )
         out.append(index[key])
@@ -135,7 +136,9 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("class_names")
-        if saved is not None and self.class_names and list(saved) != list(self.class_names):
+        if saved is not None and not self.class_names:  # e.g. predict-only data: take the checkpoint's names
+            self.class_names = list(saved)
+        elif saved is not None and list(saved) != list(self.class_names):
             raise DataError(
                 f"the checkpoint was trained on labels {saved} but this data has {self.class_names}; "
                 "use the same label set (set 'labels' explicitly) to resume"

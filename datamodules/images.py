@@ -39,8 +39,9 @@ def build_image_transform(
     """PIL image → normalised tensor ``(C, H, W)``.
 
     Size: ``image_size`` (square resize) when given, else the backbone's resize-then-centre-crop
-    recipe, else the image's own size. ``augment`` swaps the crop for a random resized crop
-    (scale 0.7–1); ``hflip`` adds random horizontal flips (wrong for digits and text images).
+    recipe (a square resize when the backbone names no crop), else the image's own size.
+    ``augment`` swaps the crop for a random resized crop (scale 0.7–1); ``hflip`` adds random
+    horizontal flips (wrong for digits and text images).
     """
     pre = preprocessing or Preprocessing(kind="image")
     channels = in_channels or pre.in_channels or 3
@@ -54,10 +55,11 @@ def build_image_transform(
         steps.append(T.RandomResizedCrop(final, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True))
     elif image_size:
         steps.append(T.Resize((image_size, image_size), antialias=True))
-    elif pre.resize_size:
+    elif pre.resize_size and pre.crop_size:  # torchvision's recipe: shorter side, then centre crop
         steps.append(T.Resize(pre.resize_size, antialias=True))
-        if pre.crop_size:
-            steps.append(T.CenterCrop(pre.crop_size))
+        steps.append(T.CenterCrop(pre.crop_size))
+    elif pre.resize_size:  # no crop (builtin:lenet): a square of that size, whatever the aspect ratio
+        steps.append(T.Resize((pre.resize_size, pre.resize_size), antialias=True))
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(mean, std)]
@@ -69,13 +71,20 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def find_corrupt_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
-    """Files that PIL cannot identify or whose data fails its integrity check."""
+    """Files that PIL cannot identify, whose data fails its integrity check, or that do not decode.
+
+    ``verify`` alone passes a truncated JPEG (it checks no JPEG data), so each file is also decoded;
+    JPEGs at 1/8 scale (``draft``), which still reads the whole compressed stream but costs less.
+    """
     bad = []
     for path in paths:
         try:
             with Image.open(path) as image:
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            with Image.open(path) as image:
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             bad.append((path, f"{type(err).__name__}: {err}"))
     return bad
 

@@ -117,8 +117,16 @@ class TextClassificationDataModule(ClassificationDataModule):
             self.class_names = [str(v) for v in labels]
         elif reference is not None:
             self.class_names = label_set(reference.column(label_column, "label"))
+        if labels is not None and len(self.class_names) < 2:
+            raise DataError(f"labels={self.class_names} names fewer than two classes; a classifier needs two or more")
+        if len(set(self.class_names)) != len(self.class_names):
+            twice = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+            raise DataError(f"labels={self.class_names} names {twice} more than once; list each class once")
         if reference is not None and len(self.class_names) < 2:
-            raise DataError(f"{reference.path} has fewer than two distinct labels ({self.class_names})")
+            raise DataError(
+                f"{reference.path} has fewer than two distinct labels ({self.class_names}) in label column "
+                f"{label_column!r}; check label_column, or give data with two or more classes"
+            )
         for stage, table in self.tables.items():  # fail now on a label outside the set, not after an epoch
             if stage != "predict":
                 map_labels(table.column(label_column, "label"), self.class_names, str(table.path), label_column)

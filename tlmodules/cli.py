@@ -22,6 +22,11 @@ def spec_or_none(backbone: Any) -> str | None:
     return backbone if isinstance(backbone, str) else None
 
 
+def known_or_none(value: Any) -> Any:
+    """A datamodule without labelled data (``predict_dir`` alone) has an empty label set: unknown, not zero classes."""
+    return value or None
+
+
 class TransferCLI(LightningCLI):
     """LightningCLI with tlmodules' links and defaults (TensorBoard under ``runs/``, best and last checkpoints)."""
 
@@ -29,6 +34,10 @@ class TransferCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
+        # The modules build their own optimizer (named parameter groups: backbone_lr_ratio, layer_decay,
+        # no-decay biases, warmup and LP-FT schedules). LightningCLI's --optimizer/--lr_scheduler would
+        # replace it with one flat group over model.parameters() and silently drop all of that.
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -49,8 +58,12 @@ class TransferCLI(LightningCLI):
         )
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", compute_fn=spec_or_none)
         parser.link_arguments("model.init_args.weights", "data.init_args.weights")
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.init_args.num_classes", compute_fn=known_or_none, apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "data.class_names", "model.init_args.class_names", compute_fn=known_or_none, apply_on="instantiate"
+        )
 
 
 def main(args: list[str] | None = None) -> TransferCLI:

@@ -110,12 +110,14 @@ class FineTuneModule(TransferModule):
         hp = self.hparams
         hidden = hp.head_hidden if hp.head == "mlp" else 0
         self.head = ClassificationHead(self.backbone.num_features, num_classes, hidden, hp.dropout)
-        self.hparams.num_classes = num_classes
+        self.update_hparams(num_classes=num_classes)
         self._build_classification_metrics(num_classes)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
+        if not data_classes:  # a prediction-only datamodule has no label set (0 classes): nothing to check
+            data_classes = None
         if self.head is None:
             if data_classes is None:
                 raise ValueError(
@@ -127,8 +129,8 @@ class FineTuneModule(TransferModule):
                 f"num_classes={self.head.num_classes} in the model disagrees with the data, which has "
                 f"{data_classes} classes ({getattr(datamodule, 'class_names', None)}); set num_classes={data_classes}"
             )
-        if self.hparams.class_names is None and getattr(datamodule, "class_names", None) is not None:
-            self.hparams.class_names = list(datamodule.class_names)
+        if self.hparams.class_names is None and data_classes is not None and getattr(datamodule, "class_names", None):
+            self.update_hparams(class_names=list(datamodule.class_names))
         self.apply_trainable(self._trainable_epoch)
 
     @property
@@ -166,7 +168,16 @@ class FineTuneModule(TransferModule):
     def on_fit_start(self) -> None:
         self._late_sync.record(self, wrapped_by_ddp=self.trainer.world_size > 1)
 
+    def on_train_start(self) -> None:
+        # Resuming from a checkpoint written on an epoch's last batch, Lightning enters the next epoch
+        # without calling on_train_epoch_start; the trainable state must still follow the epoch. What
+        # this unfreezes was frozen at on_fit_start, so LateParameterSync averages it under DDP.
+        super().on_train_start()
+        if self._trainable_epoch != self.current_epoch:
+            self.apply_trainable(self.current_epoch)
+
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()  # the epoch's learning rates (LP-FT's head rate) from its first step
         top = self.apply_trainable(self.current_epoch)
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -239,12 +250,20 @@ class FineTuneModule(TransferModule):
     def on_test_epoch_end(self) -> None:
         self.log_confusion_matrix(self.test_confusion, "test/confusion_matrix", self.class_names)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def on_predict_epoch_start(self) -> None:
+        self._predict_offsets = {}
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{"index": (B,), "probs": (B, num_classes)}``; without an ``index`` in the batch, the
+        sample's position in its dataloader (counted, so a short last batch is numbered right)."""
         inputs, _ = unpack_batch(batch)
         probs = self(inputs).float().softmax(-1)
         index = batch.get("index") if isinstance(batch, dict) else None
+        offsets = self.__dict__.setdefault("_predict_offsets", {})
+        start = offsets.get(dataloader_idx, 0)
+        offsets[dataloader_idx] = start + len(probs)
         if index is None:
-            index = torch.arange(len(probs)) + batch_idx * len(probs)
+            index = torch.arange(start, start + len(probs), device=probs.device)
         return {"index": index, "probs": probs}
 
     # -- checkpoints ------------------------------------------------------------------------------

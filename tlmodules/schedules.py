@@ -41,6 +41,8 @@ def lr_shape(schedule: str, progress: float, warmup_fraction: float = 0.0) -> fl
     Linear warm-up over the first ``warmup_fraction`` of training, then ``constant``,
     ``cosine`` (to 0; Loshchilov & Hutter 2017) or ``linear`` decay (to 0).
     """
+    if schedule not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant, cosine or linear")
     progress = min(max(progress, 0.0), 1.0)
     if warmup_fraction > 0 and progress < warmup_fraction:
         return progress / warmup_fraction

@@ -1,0 +1,160 @@
+"""A two-process DDP fine-tuning run on the CPU (gloo), for ``tests/test_distributed.py``.
+
+Lightning's ``strategy="ddp"`` starts the other process by running this script again, so it lives
+outside pytest. ``freeze_unfreeze`` trains the head alone in epoch 0 and the whole network from
+epoch 1: the backbone's parameters are frozen when DDP wraps the model, so DDP's reducer does not
+cover them and :class:`tlmodules.freezing.LateParameterSync` must average their gradients.
+
+Usage: ``python ddp_finetune.py OUT_DIR [--no-late-sync] [--save-at-step N] [--resume CKPT]``.
+Every rank writes ``OUT_DIR/rank<r>.pt``: initial and final parameters, BatchNorm buffers, the
+sample indices it trained on (per epoch), the parameter names recorded outside the reducer, and
+how many parameters each optimizer step synced. ``--save-at-step N`` also writes
+``OUT_DIR/step<N>.ckpt`` after optimizer step ``N``; ``--resume`` continues from such a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tlmodules.finetune import FineTuneModule
+
+NUM_SAMPLES = 64
+IN_FEATURES = 8
+NUM_CLASSES = 3
+
+
+class SmallBackbone(nn.Module):
+    """Three blocks (three layer groups), two of them with BatchNorm: ``(B, 8) → (B, 16)``."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU()),
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class PatternData(Dataset):
+    """Label ``i % 3``; the input is a noisy one-hot-like pattern of the label (learnable in a few steps)."""
+
+    def __init__(self, n: int = NUM_SAMPLES) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.labels = torch.arange(n) % NUM_CLASSES
+        self.inputs = torch.randn(n, IN_FEATURES, generator=g) * 0.5
+        self.inputs[torch.arange(n), self.labels * 2] += 2.0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        return {"inputs": self.inputs[i], "labels": self.labels[i], "index": i}
+
+
+class RecordBatches(pl.Callback):
+    """Record which sample indices this rank trained on, per epoch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+
+
+class SaveAtStep(pl.Callback):
+    """``trainer.save_checkpoint`` (a call every rank makes) once ``global_step`` reaches ``step``."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--no-late-sync", action="store_true", help="control: disable LateParameterSync")
+    parser.add_argument("--save-at-step", type=int, default=0)
+    parser.add_argument("--resume", type=Path, default=None)
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    pl.seed_everything(0, workers=True)
+    model = FineTuneModule(
+        backbone=SmallBackbone(),
+        num_classes=NUM_CLASSES,
+        strategy="freeze_unfreeze",
+        unfreeze_epoch=1,
+        lr=0.05,
+        weight_decay=0.0,
+        lr_schedule="constant",
+    )
+    initial = params(model)
+    synced: list[tuple[int, int]] = []  # (epoch, parameters synced) per optimizer step
+    late_sync = model._late_sync
+    original_sync = late_sync.sync
+
+    def counting_sync() -> int:
+        n = 0 if args.no_late_sync else original_sync()
+        synced.append((model.current_epoch, n))
+        return n
+
+    late_sync.sync = counting_sync
+
+    recorder = RecordBatches()
+    callbacks: list[pl.Callback] = [recorder]
+    if args.save_at_step:
+        callbacks.append(SaveAtStep(args.save_at_step, args.out / f"step{args.save_at_step}.ckpt"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(PatternData(), batch_size=8, shuffle=True, num_workers=0)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=args.resume, weights_only=True if args.resume else None)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    torch.save(
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "pid": os.getpid(),
+            "initial": initial,
+            "final": params(model),
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+            "seen": recorder.seen,
+            "outside": [names[id(p)] for p in late_sync.outside],
+            "synced": synced,
+            "trainable_epoch": model._trainable_epoch,
+        },
+        args.out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Unfreezing under DDP: late-unfrozen parameters are averaged across processes, and resume works.
+
+``strategy="ddp"`` starts the second process by re-running ``sys.argv``, so the two-process run
+lives in ``tests/scripts/ddp_finetune.py`` and each test runs it in a subprocess (CPU, gloo).
+The script trains ``freeze_unfreeze`` (backbone frozen in epoch 0, unfrozen from epoch 1) for 3
+epochs of 4 steps and every rank saves what it ended with.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_finetune.py"
+NUM_SAMPLES = 64  # as in the script
+STEPS_PER_EPOCH = NUM_SAMPLES // 2 // 8  # two ranks, batches of 8
+BACKBONE_PARAMS = 10  # SmallBackbone: 3 Linear (weight, bias) + 2 BatchNorm (weight, bias)
+
+pytestmark = pytest.mark.slow
+
+
+def run_ddp(out: Path, *flags: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"}}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), *flags],
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, f"DDP run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+    assert ranks[0]["pid"] != ranks[1]["pid"], "both results came from one process"
+    return ranks[0], ranks[1]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str = "") -> float:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys and keys == [k for k in b if k.startswith(prefix)]
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+
+
+@pytest.fixture(scope="module")
+def synced_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The run with LateParameterSync; it also writes a checkpoint after step 8 (end of epoch 1)."""
+    out = tmp_path_factory.mktemp("ddp") / "synced"
+    return (out, *run_ddp(out, "--save-at-step", str(2 * STEPS_PER_EPOCH)))
+
+
+def test_unfrozen_backbone_stays_identical_across_ranks(synced_run) -> None:
+    _, r0, r1 = synced_run
+
+    # the ranks trained on disjoint halves of the data that together cover it, in every epoch
+    assert sorted(r0["seen"]) == sorted(r1["seen"]) == [0, 1, 2]
+    for epoch in range(3):
+        a, b = r0["seen"][epoch], r1["seen"][epoch]
+        assert len(a) == len(b) == NUM_SAMPLES // 2
+        assert not set(a) & set(b)
+        assert sorted(a + b) == list(range(NUM_SAMPLES))
+
+    # every backbone parameter was frozen when DDP wrapped the model, and was synced by hand
+    # at every step after the unfreeze (and at none before)
+    backbone = [n for n in r0["initial"] if n.startswith("backbone.")]
+    assert len(backbone) == BACKBONE_PARAMS
+    assert r0["outside"] == r1["outside"] == backbone
+    assert r0["synced"] == [(e, 0 if e == 0 else BACKBONE_PARAMS) for e in range(3) for _ in range(STEPS_PER_EPOCH)]
+
+    # the backbone trained after the unfreeze ...
+    assert max_diff(r0["initial"], r1["initial"]) == 0.0
+    moved = max_diff(r0["final"], r0["initial"], "backbone.")
+    assert moved > 1e-2, f"backbone barely moved ({moved})"
+    # ... and every parameter is bit-identical on both ranks
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
+
+
+def test_without_late_sync_ranks_drift_apart(tmp_path: Path) -> None:
+    """Control: with LateParameterSync disabled DDP does not average the unfrozen backbone."""
+    r0, r1 = run_ddp(tmp_path / "control", "--no-late-sync")
+    assert {n for _, n in r0["synced"]} == {0}
+    moved = max_diff(r0["final"], r0["initial"], "backbone.")
+    assert moved > 1e-2
+    drift = max_diff(r0["final"], r1["final"], "backbone.")
+    assert drift > 1e-3, f"ranks did not drift apart without the sync ({drift}): the test cannot fail"
+    # the head was trainable when DDP wrapped the model, so the reducer averages it anyway
+    assert max_diff(r0["final"], r1["final"], "head.") == 0.0
+
+
+def test_resume_after_unfreeze_wraps_the_unfrozen_backbone(synced_run, tmp_path: Path) -> None:
+    """Resuming from a checkpoint written after the unfreeze: the backbone is trainable before DDP
+    wraps the model (so the reducer averages it), and the run ends where the uninterrupted one did."""
+    out, full0, _ = synced_run
+    ckpt = out / f"step{2 * STEPS_PER_EPOCH}.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["tlmodules"]["trainable_epoch"] == 1
+    assert saved["tlmodules"]["trainable_top_groups"] == 3
+
+    r0, r1 = run_ddp(tmp_path / "resumed", "--resume", str(ckpt))
+    assert r0["outside"] == r1["outside"] == [], "unfrozen parameters were left outside DDP's reducer"
+    assert {n for _, n in r0["synced"]} == {0}
+    assert sorted(r0["seen"]) == [2]
+    assert r0["seen"][2] == full0["seen"][2]
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
+    resumed_vs_full = max_diff(r0["final"], full0["final"])
+    assert resumed_vs_full <= 1e-6, f"resumed run ends {resumed_vs_full} away from the uninterrupted one"
