@@ -38,7 +38,8 @@ class SklearnDigitsDataModule(ClassificationDataModule):
         num_workers: int | None = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.backbone_spec, self.backbone_weights = backbone, weights
         self.class_names = [str(d) for d in range(10)]
         preprocessing = resolve_preprocessing(backbone, weights) if isinstance(backbone, str) else None
         self.transform = build_image_transform(preprocessing, image_size=image_size, in_channels=in_channels)

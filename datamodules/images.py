@@ -146,7 +146,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         verify_images: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.backbone_spec, self.backbone_weights = backbone, weights
         if image_size is not None and image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir, "predict": predict_dir}

@@ -97,7 +97,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         num_workers: int | None = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.backbone_spec, self.backbone_weights = backbone, weights
         if not isinstance(max_length, int) or max_length <= 0:
             raise DataError(f"max_length must be a positive integer, got {max_length!r}")
         if header is None:

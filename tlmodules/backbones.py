@@ -268,16 +268,17 @@ def _replace_last_linear(model: nn.Module) -> int:
     return in_features
 
 
-def torchvision_backbone(name: str, weights: str | None = "DEFAULT") -> Backbone:
+def torchvision_backbone(name: str, weights: str | None = "DEFAULT", pretrained: bool = True) -> Backbone:
     """``torchvision:<name>`` through torchvision's own model and weights registry.
 
     The pretrained state dict is fetched by torchvision's loader (which looks in
     ``$TORCH_HOME/hub/checkpoints/<file name of the weights' URL>`` before downloading) but
-    deserialised with ``weights_only=True``.
+    deserialised with ``weights_only=True``. ``pretrained=False`` builds the architecture only
+    (weights about to be overwritten from a checkpoint) but keeps the weights' preprocessing.
     """
     builder = _torchvision_builder(name)
     weight = _torchvision_weights(name, weights)
-    if weight is not None:
+    if weight is not None and pretrained:
         import torchvision.models._api as tv_api
 
         safe_loader = functools.partial(torch.hub.load_state_dict_from_url, weights_only=True)
@@ -417,7 +418,7 @@ def checkpoint_backbone(path: str) -> Backbone:
         )
     backbone = build_backbone(
         origin.spec,
-        weights=None,
+        weights=origin.weights,
         pooling=origin.pooling,
         trust_remote_code=origin.trust_remote_code,
         pretrained=False,
@@ -430,9 +431,7 @@ def checkpoint_backbone(path: str) -> Backbone:
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     backbone.origin = origin
-    if origin.spec.startswith("torchvision:"):  # rebuilt without weights: take the transforms of its weights
-        backbone.preprocessing = resolve_preprocessing(origin.spec, origin.weights)
-    return backbone  # other specs rebuild their own preprocessing (hf/pkg: tokenizer and max_length)
+    return backbone
 
 
 def build_backbone(
@@ -452,7 +451,8 @@ def build_backbone(
         pooling: ``mean`` | ``cls`` | ``max`` for sequence models.
         trust_remote_code: let a Hugging Face repository run its own code (off by default).
         num_features: feature width of a plain ``nn.Module`` (else its ``num_features`` attribute).
-        pretrained: for ``hf:``/``pkg:`` specs, load the weights (``False``: architecture only).
+        pretrained: load the pretrained weights (``False``: the architecture and preprocessing only,
+            for weights that a checkpoint is about to overwrite).
     """
     if isinstance(spec, Backbone):
         return spec
@@ -467,7 +467,7 @@ def build_backbone(
         raise BackboneError(ACCEPTED_FORMS.format(builtin_names=sorted(BUILTIN_PREPROCESSING)) + f"; got {spec!r}")
     kind, _, rest = spec.partition(":")
     if kind == "torchvision":
-        return torchvision_backbone(rest, None if not pretrained and weights is None else weights)
+        return torchvision_backbone(rest, weights, pretrained)
     if kind == "hf":
         return hf_backbone(rest, pooling, trust_remote_code, pretrained, spec)
     if kind == "pkg":

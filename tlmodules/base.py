@@ -71,6 +71,8 @@ class TransferModule(pl.LightningModule):
         return 1.0
 
     def training_progress(self, step: int) -> float:
+        if step <= 0:  # asking the trainer for its total steps this early loads the train dataloader before a
+            return 0.0  # resume restores its state (Lightning issue #20550)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         return 0.0 if not math.isfinite(total) or total <= 0 else min(1.0, step / total)
 

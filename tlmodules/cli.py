@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from tlmodules.backbones import BackboneError, resolve_preprocessing
 from tlmodules.predictions import PredictionWriter
 
 
@@ -39,6 +40,16 @@ class TransferCLI(LightningCLI):
         # replace it with one flat group over model.parameters() and silently drop all of that.
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Check the backbone spec (and weights name) before anything is built: a usage error, not a traceback."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        init_args = config.get("model", {}).get("init_args", {}) if hasattr(config, "get") else {}
+        spec = spec_or_none(init_args.get("backbone"))
+        try:
+            resolve_preprocessing(spec, init_args.get("weights", "DEFAULT"))
+        except (BackboneError, FileNotFoundError) as err:
+            self.parser.error(f"model.init_args.backbone: {err}")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
@@ -20,6 +22,8 @@ from tlmodules.schedules import (
     layer_lr_multipliers,
     trainable_top_groups,
 )
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class FineTuneModule(TransferModule):
@@ -42,6 +46,8 @@ class FineTuneModule(TransferModule):
         num_classes: size of the new head; taken from the datamodule's ``num_classes`` when unset.
         class_names: names for the confusion matrix and predictions; from the datamodule when unset.
         head: ``linear`` or ``mlp`` (one hidden layer of ``head_hidden`` units, with ``dropout``).
+        pretrained: fetch the pretrained weights; ``False`` builds the architecture only, for
+            weights that a checkpoint will overwrite (``load_from_checkpoint`` does this itself).
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class FineTuneModule(TransferModule):
         pooling: Literal["mean", "cls", "max"] = "mean",
         trust_remote_code: bool = False,
         num_features: int | None = None,
+        pretrained: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -88,6 +95,7 @@ class FineTuneModule(TransferModule):
             pooling=pooling,
             trust_remote_code=trust_remote_code,
             num_features=num_features,
+            pretrained=pretrained,
         )
         if lora_rank > 0:
             if not isinstance(self.backbone, TransformerBackbone):
@@ -113,11 +121,20 @@ class FineTuneModule(TransferModule):
         self.update_hparams(num_classes=num_classes)
         self._build_classification_metrics(num_classes)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FineTuneModule:
+        """Lightning's loader, but without fetching pretrained weights that the checkpoint overwrites
+        (pass ``pretrained=True`` to fetch them anyway)."""
+        kwargs.setdefault("pretrained", False)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         data_classes = getattr(datamodule, "num_classes", None)
         if not data_classes:  # a prediction-only datamodule has no label set (0 classes): nothing to check
             data_classes = None
+        if self.head is None and data_classes is None and stage != "fit":
+            return  # evaluating or predicting from a checkpoint: on_load_checkpoint sizes the head
         if self.head is None:
             if data_classes is None:
                 raise ValueError(
@@ -137,6 +154,21 @@ class FineTuneModule(TransferModule):
     def class_names(self) -> list[str]:
         names = self.hparams.class_names
         return list(names) if names else [str(i) for i in range(self.head.num_classes)]
+
+    def _require_head(self) -> None:
+        if self.head is None:
+            raise ValueError(
+                "the model has no head yet: give num_classes, a datamodule with labels, or ckpt_path=<checkpoint>"
+            )
+
+    def on_validation_start(self) -> None:
+        self._require_head()
+
+    def on_test_start(self) -> None:
+        self._require_head()
+
+    def on_predict_start(self) -> None:
+        self._require_head()
 
     # -- freezing ---------------------------------------------------------------------------------
     def trainable_top_groups(self, epoch: int) -> int:
@@ -167,6 +199,8 @@ class FineTuneModule(TransferModule):
 
     def on_fit_start(self) -> None:
         self._late_sync.record(self, wrapped_by_ddp=self.trainer.world_size > 1)
+        # Frozen layers are in eval mode on purpose (their BatchNorm statistics and dropout stay fixed).
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
 
     def on_train_start(self) -> None:
         # Resuming from a checkpoint written on an epoch's last batch, Lightning enters the next epoch
@@ -288,6 +322,8 @@ class FineTuneModule(TransferModule):
         saved = meta.get("num_classes")
         if self.head is None and saved is not None:
             self._build_head(int(saved))
+            if self.hparams.class_names is None and meta.get("class_names"):
+                self.update_hparams(class_names=list(meta["class_names"]))
         elif self.head is not None and saved is not None and saved != self.head.num_classes:
             raise ValueError(
                 f"the checkpoint's head has {saved} classes but this model has {self.head.num_classes}; "
