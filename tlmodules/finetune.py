@@ -266,7 +266,8 @@ class FineTuneModule(TransferModule):
         logits = self(inputs)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         confusion = self.val_confusion if stage == "val" else self.test_confusion
-        self.log(f"{stage}/loss", self._loss(logits, labels), prog_bar=stage == "val", batch_size=len(labels))
+        loss = self._loss(logits, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(labels), sync_dist=True)
         metrics.update(logits, labels)
         confusion.update(logits, labels)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
