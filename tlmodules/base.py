@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -176,10 +177,112 @@ class TransferModule(pl.LightningModule):
         ax.set_title(f"{tag} (step {self.global_step})")
         self.logger.experiment.add_figure(tag, fig, global_step=self.global_step, close=True)
 
+    # -- labels and evaluation ------------------------------------------------------------------
+    def build_classifier(self, num_classes: int) -> None:
+        """Create the layers that output ``num_classes`` logits (subclasses)."""
+        raise NotImplementedError
+
+    def size_classifier(self, num_classes: int) -> None:
+        """Build the classifier and its metrics for ``num_classes`` and record the number."""
+        self.build_classifier(num_classes)
+        self._num_classes = num_classes
+        self.update_hparams(num_classes=num_classes)
+        self._build_classification_metrics(num_classes)
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self, "_num_classes", None)
+
+    def setup_labels(self, stage: str) -> None:
+        """Size the classifier from the datamodule's label set, or check that it agrees.
+
+        A datamodule without labels (prediction only) leaves the size to the checkpoint being
+        loaded (:meth:`on_load_checkpoint`).
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_classes = getattr(datamodule, "num_classes", None) or None  # 0: a prediction-only datamodule
+        if self.num_classes is None and data_classes is None and stage != "fit":
+            return
+        if self.num_classes is None:
+            if data_classes is None:
+                raise ValueError(
+                    "num_classes is unknown: pass num_classes=<n> or use a datamodule with a num_classes attribute"
+                )
+            self.size_classifier(int(data_classes))
+        elif data_classes is not None and int(data_classes) != self.num_classes:
+            raise ValueError(
+                f"num_classes={self.num_classes} in the model disagrees with the data, which has "
+                f"{data_classes} classes ({getattr(datamodule, 'class_names', None)}); set num_classes={data_classes}"
+            )
+        if self.hparams.get("class_names") is None and data_classes and getattr(datamodule, "class_names", None):
+            self.update_hparams(class_names=list(datamodule.class_names))
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.num_classes or 0)]
+
+    def require_classifier(self) -> None:
+        if self.num_classes is None:
+            raise ValueError(
+                "the model has no head yet: give num_classes, a datamodule with labels, or ckpt_path=<checkpoint>"
+            )
+
+    def on_validation_start(self) -> None:
+        self.require_classifier()
+
+    def on_test_start(self) -> None:
+        self.require_classifier()
+
+    def on_predict_start(self) -> None:
+        self.require_classifier()
+
+    def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy on float32 logits (safe under autocast); label ``-100`` is ignored."""
+        smoothing = float(self.hparams.get("label_smoothing", 0.0))
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100, label_smoothing=smoothing)
+
+    def log_training(self, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.train_metrics.update(logits.detach(), labels)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+
+    def log_evaluation(self, stage: str, logits: Tensor, labels: Tensor) -> None:
+        """Loss (synchronised across processes), accuracy, macro-F1 and the confusion matrix of ``stage``."""
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        confusion = self.val_confusion if stage == "val" else self.test_confusion
+        loss = self.classification_loss(logits, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(labels), sync_dist=True)
+        metrics.update(logits, labels)
+        confusion.update(logits, labels)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("hp_metric", self.val_metrics["acc"].compute())
+        self.log_confusion_matrix(self.val_confusion, "val/confusion_matrix", self.class_names)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_confusion_matrix(self.test_confusion, "test/confusion_matrix", self.class_names)
+
+    def on_predict_epoch_start(self) -> None:
+        self._predict_offsets: dict[int, int] = {}
+
+    def prediction_index(self, batch: Any, count: int, dataloader_idx: int = 0) -> Tensor:
+        """The batch's ``index`` (sample ids), else positions counted per dataloader (a short last batch included)."""
+        index = batch.get("index") if isinstance(batch, Mapping) else None
+        offsets = self.__dict__.setdefault("_predict_offsets", {})
+        start = offsets.get(dataloader_idx, 0)
+        offsets[dataloader_idx] = start + count
+        return index if index is not None else torch.arange(start, start + count, device=self.device)
+
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint records about this module beyond its state dict (subclasses extend)."""
-        return {"module": type(self).__name__}
+        return {
+            "module": type(self).__name__,
+            "num_classes": self.num_classes,
+            "class_names": self.hparams.get("class_names"),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tlmodules"] = self.checkpoint_meta()
@@ -196,4 +299,16 @@ class TransferModule(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint's module type and label space; size the classifier from it when unsized."""
         self.check_checkpoint_meta(checkpoint)
+        meta = checkpoint["tlmodules"]
+        saved = meta.get("num_classes")
+        if self.num_classes is None and saved is not None:
+            self.size_classifier(int(saved))
+            if self.hparams.get("class_names") is None and meta.get("class_names"):
+                self.update_hparams(class_names=list(meta["class_names"]))
+        elif self.num_classes is not None and saved is not None and saved != self.num_classes:
+            raise ValueError(
+                f"the checkpoint's head has {saved} classes but this model has {self.num_classes}; "
+                f"to reuse its backbone for a new label set use backbone='ckpt:<path>'"
+            )

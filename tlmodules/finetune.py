@@ -6,7 +6,6 @@ import warnings
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
@@ -110,16 +109,14 @@ class FineTuneModule(TransferModule):
         self._late_sync = LateParameterSync()
         self._trainable_epoch = 0
         if num_classes is not None:
-            self._build_head(num_classes)
+            self.size_classifier(num_classes)
         self.apply_trainable(0)
 
     # -- construction -----------------------------------------------------------------------------
-    def _build_head(self, num_classes: int) -> None:
+    def build_classifier(self, num_classes: int) -> None:
         hp = self.hparams
         hidden = hp.head_hidden if hp.head == "mlp" else 0
         self.head = ClassificationHead(self.backbone.num_features, num_classes, hidden, hp.dropout)
-        self.update_hparams(num_classes=num_classes)
-        self._build_classification_metrics(num_classes)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FineTuneModule:
@@ -129,46 +126,8 @@ class FineTuneModule(TransferModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        data_classes = getattr(datamodule, "num_classes", None)
-        if not data_classes:  # a prediction-only datamodule has no label set (0 classes): nothing to check
-            data_classes = None
-        if self.head is None and data_classes is None and stage != "fit":
-            return  # evaluating or predicting from a checkpoint: on_load_checkpoint sizes the head
-        if self.head is None:
-            if data_classes is None:
-                raise ValueError(
-                    "num_classes is unknown: pass num_classes=<n> or use a datamodule with a num_classes attribute"
-                )
-            self._build_head(int(data_classes))
-        elif data_classes is not None and int(data_classes) != self.head.num_classes:
-            raise ValueError(
-                f"num_classes={self.head.num_classes} in the model disagrees with the data, which has "
-                f"{data_classes} classes ({getattr(datamodule, 'class_names', None)}); set num_classes={data_classes}"
-            )
-        if self.hparams.class_names is None and data_classes is not None and getattr(datamodule, "class_names", None):
-            self.update_hparams(class_names=list(datamodule.class_names))
+        self.setup_labels(stage)
         self.apply_trainable(self._trainable_epoch)
-
-    @property
-    def class_names(self) -> list[str]:
-        names = self.hparams.class_names
-        return list(names) if names else [str(i) for i in range(self.head.num_classes)]
-
-    def _require_head(self) -> None:
-        if self.head is None:
-            raise ValueError(
-                "the model has no head yet: give num_classes, a datamodule with labels, or ckpt_path=<checkpoint>"
-            )
-
-    def on_validation_start(self) -> None:
-        self._require_head()
-
-    def on_test_start(self) -> None:
-        self._require_head()
-
-    def on_predict_start(self) -> None:
-        self._require_head()
 
     # -- freezing ---------------------------------------------------------------------------------
     def trainable_top_groups(self, epoch: int) -> int:
@@ -244,70 +203,37 @@ class FineTuneModule(TransferModule):
         """Inputs (images ``(B, C, H, W)`` or a tokenizer batch) → logits ``(B, num_classes)``."""
         return self.head(self.backbone(inputs))
 
-    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, labels = unpack_batch(batch)
         logits = self(inputs)
-        loss = self._loss(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        loss = self.classification_loss(logits, labels)
+        self.log_training(logits, labels, loss)
         if self.l2sp is not None:
             penalty = self.l2sp.penalty(self.backbone.named_parameters(), self.head.parameters())
             self.log("train/l2sp", penalty, on_step=True, on_epoch=False)
             loss = loss + penalty
-        self.train_metrics.update(logits.detach(), labels)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         self.log_learning_rates()
         return loss
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        inputs, labels = unpack_batch(batch)
-        logits = self(inputs)
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        confusion = self.val_confusion if stage == "val" else self.test_confusion
-        loss = self._loss(logits, labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(labels), sync_dist=True)
-        metrics.update(logits, labels)
-        confusion.update(logits, labels)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
-
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        inputs, labels = unpack_batch(batch)
+        self.log_evaluation("val", self(inputs), labels)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("hp_metric", self.val_metrics["acc"].compute())
-        self.log_confusion_matrix(self.val_confusion, "val/confusion_matrix", self.class_names)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_confusion_matrix(self.test_confusion, "test/confusion_matrix", self.class_names)
-
-    def on_predict_epoch_start(self) -> None:
-        self._predict_offsets = {}
+        inputs, labels = unpack_batch(batch)
+        self.log_evaluation("test", self(inputs), labels)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """``{"index": (B,), "probs": (B, num_classes)}``; without an ``index`` in the batch, the
-        sample's position in its dataloader (counted, so a short last batch is numbered right)."""
+        """``{"index": (B,), "probs": (B, num_classes)}``."""
         inputs, _ = unpack_batch(batch)
         probs = self(inputs).float().softmax(-1)
-        index = batch.get("index") if isinstance(batch, dict) else None
-        offsets = self.__dict__.setdefault("_predict_offsets", {})
-        start = offsets.get(dataloader_idx, 0)
-        offsets[dataloader_idx] = start + len(probs)
-        if index is None:
-            index = torch.arange(start, start + len(probs), device=probs.device)
-        return {"index": index, "probs": probs}
+        return {"index": self.prediction_index(batch, len(probs), dataloader_idx), "probs": probs}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
             **super().checkpoint_meta(),
             "backbone": origin_dict(self.backbone),
-            "num_classes": None if self.head is None else self.head.num_classes,
-            "class_names": self.hparams.class_names,
             "trainable_epoch": self._trainable_epoch,
             "trainable_top_groups": self.trainable_top_groups(self._trainable_epoch),
         }
@@ -320,16 +246,6 @@ class FineTuneModule(TransferModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         meta = checkpoint["tlmodules"]
-        saved = meta.get("num_classes")
-        if self.head is None and saved is not None:
-            self._build_head(int(saved))
-            if self.hparams.class_names is None and meta.get("class_names"):
-                self.update_hparams(class_names=list(meta["class_names"]))
-        elif self.head is not None and saved is not None and saved != self.head.num_classes:
-            raise ValueError(
-                f"the checkpoint's head has {saved} classes but this model has {self.head.num_classes}; "
-                f"to reuse its backbone for a new label set use backbone='ckpt:<path>'"
-            )
         if self.l2sp is not None and "l2sp_anchor" in checkpoint:
             self.l2sp.load_state_dict(checkpoint["l2sp_anchor"])
         self.apply_trainable(int(meta.get("trainable_epoch", 0)))
