@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,6 +13,20 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.tables import DataError
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_json(value: Any) -> str:
+    """SHA-256 of a JSON-serialisable value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def default_num_workers() -> int:
@@ -122,6 +138,23 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
+
+    def fingerprint(self, stage: str) -> str | None:
+        """A string that changes whenever the inputs of ``stage`` could change (files, preprocessing), so
+        a feature cache keyed by it is never stale; ``None`` when the data cannot be described (no disk cache)."""
+        return None
+
+    def file_fingerprint(self, stage: str, *settings: Any) -> str | None:
+        """Fingerprint of a file-backed stage: the file's bytes plus the settings that shape its inputs.
+
+        A validation split drawn from ``train_file`` shares the training file (indices address its rows).
+        """
+        files = getattr(self, "files", {})
+        source = "train" if stage == "val" and not files.get("val") else stage
+        path = files.get(source)
+        if path is None:
+            return None
+        return hash_json([source, str(os.path.abspath(path)), file_digest(path), *settings])
 
     def prediction_id(self, index: int) -> str:
         """The identifier written next to a prediction of sample ``index`` of the predict set."""

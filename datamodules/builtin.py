@@ -60,5 +60,11 @@ class SklearnDigitsDataModule(ClassificationDataModule):
             "predict": Subset(dataset, test),
         }
 
+    def fingerprint(self, stage: str) -> str | None:
+        """scikit-learn's digits are fixed per scikit-learn version; indices address ``load_digits()``."""
+        import sklearn
+
+        return f"sklearn-digits:{sklearn.__version__}:{self.transform!r}"
+
     def prediction_id(self, index: int) -> str:
         return f"load_digits[{index}]"

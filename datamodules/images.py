@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from datamodules.base import ClassificationDataModule, seeded_split
+from datamodules.base import ClassificationDataModule, hash_json, seeded_split
 from datamodules.tables import DataError
 from tlmodules.backbones import Preprocessing, resolve_preprocessing
 
@@ -27,6 +27,9 @@ class ConvertMode:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode!r})"
 
 
 def build_image_transform(
@@ -165,6 +168,19 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.eval_transform = build_image_transform(preprocessing, **common)
         self.train_transform = build_image_transform(preprocessing, augment=augment, hflip=hflip, **common)
         self.predict_ids: list[str] = []
+
+    def fingerprint(self, stage: str) -> str | None:
+        """The stage's folder listing (relative path, size, modification time) and the eval transform.
+
+        Train and validation drawn from ``train_dir`` share the listing; indices address its images.
+        """
+        source = {"val": "val" if self.dirs["val"] else "train"}.get(stage, stage)
+        folder = self.dirs.get(source)
+        if folder is None:
+            return None
+        root = Path(folder)
+        listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in list_images(root)]
+        return f"{source}:{root.resolve()}:{hash_json(listing)}:{self.eval_transform!r}"
 
     def prediction_id(self, index: int) -> str:
         """The predicted image's path relative to ``predict_dir``."""

@@ -32,11 +32,13 @@ class PadCollator:
     """Dynamic padding: pad each batch to its own longest sequence.
 
     Returns ``{"inputs": {"input_ids": (B, T), "attention_mask": (B, T)[, "token_type_ids"]},
-    "labels": (B,), "index": (B,)}``.
+    "labels": (B,), "index": (B,)}``; when each item's labels are a list (one per token), ``"labels"``
+    is (B, T), padded with ``label_pad_id``.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, label_pad_id: int = -100) -> None:
         self.pad_token_id = pad_token_id
+        self.label_pad_id = label_pad_id
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         length = max(len(it["features"]["input_ids"]) for it in items)
@@ -56,9 +58,18 @@ class PadCollator:
                 inputs["token_type_ids"][row, : len(types)] = torch.tensor(types, dtype=torch.long)
         return {
             "inputs": inputs,
-            "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long),
+            "labels": self._labels([it["labels"] for it in items], length),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
+
+    def _labels(self, labels: list[Any], length: int) -> torch.Tensor:
+        """(B,) for one label per item; (B, T) padded with ``label_pad_id`` for one label per token."""
+        if not isinstance(labels[0], (list, tuple)):
+            return torch.tensor(labels, dtype=torch.long)
+        out = torch.full((len(labels), length), self.label_pad_id, dtype=torch.long)
+        for row, seq in enumerate(labels):
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return out
 
 
 class TextClassificationDataModule(ClassificationDataModule):
@@ -173,6 +184,11 @@ class TextClassificationDataModule(ClassificationDataModule):
             full = self.datasets["train"]
             train_idx, val_idx = seeded_split(full.labels, self.val_fraction, self.seed)
             self.datasets["train"], self.datasets["val"] = Subset(full, train_idx), Subset(full, val_idx)
+
+    def fingerprint(self, stage: str) -> str | None:
+        hp = self.hparams
+        settings = (hp.text_column, hp.file_format, hp.header, hp.quoting, hp.max_length, self.tokenizer_source)
+        return self.file_fingerprint(stage, *settings)
 
     def prediction_id(self, index: int) -> str:
         """Row number (1-based, header excluded) of the predicted sentence in ``predict_file``."""

@@ -293,7 +293,18 @@ def test_print_config_shows_model_backbone_and_strategy(
     init = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == recipe["model"]["class_path"]
     assert init["backbone"] == backbone_of(recipe)[0]
-    assert init["strategy"] == model_args(recipe).get("strategy", "full")
+    if recipe["model"]["class_path"].endswith("FineTuneModule"):
+        assert init["strategy"] == model_args(recipe).get("strategy", "full")
+    else:  # every knob of the module is printed, set or not
+        import importlib
+        import inspect
+
+        module_path, _, name = recipe["model"]["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_path), name)
+        knobs = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "class_names"}
+        assert knobs <= set(init)
+        for key, value in model_args(recipe).items():
+            assert init[key] == value
     assert printed["data"]["class_path"] == recipe["data"]["class_path"]
     assert printed["checkpoint"]["monitor"] == "val/acc" and printed["checkpoint"]["save_last"] is True
     assert "output_path" in printed["predictions"]

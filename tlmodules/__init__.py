@@ -3,11 +3,13 @@
 from tlmodules.backbones import Backbone, BackboneError, Preprocessing, build_backbone, resolve_preprocessing
 from tlmodules.finetune import FineTuneModule
 from tlmodules.heads import ClassificationHead
+from tlmodules.probe import FeatureProbeModule
 
 __all__ = [
     "Backbone",
     "BackboneError",
     "ClassificationHead",
+    "FeatureProbeModule",
     "FineTuneModule",
     "Preprocessing",
     "build_backbone",

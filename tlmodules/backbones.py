@@ -32,6 +32,7 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+from tlmodules.feature_cache import tensor_digest
 from tlmodules.nets import LeNetFeatures
 from tlmodules.pooling import get_pooling
 
@@ -416,15 +417,21 @@ def checkpoint_backbone(path: str) -> Backbone:
         raise BackboneError(
             f"checkpoint {path} holds a LoRA-adapted backbone; using it as a backbone is not supported yet"
         )
+    state = {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
     backbone = build_backbone(
         origin.spec,
         weights=origin.weights,
         pooling=origin.pooling,
         trust_remote_code=origin.trust_remote_code,
-        pretrained=False,
+        pretrained=not state,  # a feature probe's checkpoint holds the spec of its frozen backbone, not the weights
     )
-    state = {k[len("backbone.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if not state:
+        recorded = ckpt["tlmodules"].get("backbone_digest")
+        if recorded and recorded != tensor_digest(backbone):
+            raise BackboneError(
+                f"checkpoint {path} records a frozen {origin.spec} whose weights differ from those it resolves to now"
+            )
+    missing, unexpected = backbone.load_state_dict(state, strict=False) if state else ([], [])
     if missing or unexpected:
         raise BackboneError(
             f"checkpoint {path} does not match its recorded backbone {origin.spec}: "

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``predict`` results as CSV: ``id, label, prob_<class>…``.
+    """Write ``predict`` results as CSV: ``id, label, prob_<class>…`` (or ``id, f0…`` for embeddings).
 
     The id comes from the datamodule's ``prediction_id(index)`` (an image's relative path, a text
     row number) when it has one. With several processes each writes ``<stem>.rank<r>.csv``.
@@ -46,11 +46,17 @@ class PredictionWriter(BasePredictionWriter):
         partial = path.with_name(path.name + ".partial")
         with partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["id", "label", *(f"prob_{n}" for n in names)])
-            for batch in batches:
-                probs = batch["probs"].cpu()
-                for index, row in zip(batch["index"].tolist(), probs.tolist()):
-                    best = max(range(len(row)), key=row.__getitem__)
-                    label = names[best] if best < len(names) else str(best)
-                    writer.writerow([to_id(index), label, *(f"{p:.6f}" for p in row)])
+            if batches and "embeddings" in batches[0]:
+                width = batches[0]["embeddings"].shape[-1]
+                writer.writerow(["id", *(f"f{i}" for i in range(width))])
+                for batch in batches:
+                    for index, row in zip(batch["index"].tolist(), batch["embeddings"].float().cpu().tolist()):
+                        writer.writerow([to_id(index), *(f"{v:.6g}" for v in row)])
+            else:
+                writer.writerow(["id", "label", *(f"prob_{n}" for n in names)])
+                for batch in batches:
+                    for index, row in zip(batch["index"].tolist(), batch["probs"].cpu().tolist()):
+                        best = max(range(len(row)), key=row.__getitem__)
+                        label = names[best] if best < len(names) else str(best)
+                        writer.writerow([to_id(index), label, *(f"{p:.6f}" for p in row)])
         partial.replace(path)

@@ -1,0 +1,442 @@
+"""Feature extraction: a frozen backbone's features, computed once, into a new classifier."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
+from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
+from tlmodules.entities import EntityF1
+from tlmodules.estimators import (
+    estimator_scores,
+    fit_estimator,
+    is_linear,
+    linear_head_parameters,
+    load_pickled_estimator,
+    make_estimator,
+    save_pickled_estimator,
+)
+from tlmodules.feature_cache import FeatureCache, cache_key, merge_across_processes, tensor_digest
+from tlmodules.heads import ClassificationHead
+from tlmodules.schedules import LRSchedule
+
+TRAINED_HEADS = ("linear", "mlp")
+
+
+class FeatureProbeModule(TransferModule):
+    """A frozen backbone, its features cached, and a new classifier on top (linear probing and kin).
+
+    The backbone stays in eval mode with no gradient. Each sample's features are computed the
+    first time its batch is seen and looked up by the batch's ``index`` afterwards, so ``k`` epochs
+    cost one backbone pass plus ``k`` head passes (:class:`tlmodules.feature_cache.FeatureCache`;
+    ``cache_dir`` also keeps them on disk for later runs, keyed by backbone, weights,
+    preprocessing and data). Batches without an ``index`` are not cached.
+
+    Classifiers (``classifier``): ``linear`` or ``mlp`` heads trained by the Trainer's optimizer,
+    or a scikit-learn estimator fitted on the cached training features at the end of the first
+    training epoch — ``logistic_regression``, ``linear_svm``, ``rbf_svm``, ``random_forest`` or any
+    classifier's class path, with ``classifier_args``. A linear estimator is copied into a linear
+    head (a checkpoint of tensors only); another estimator is pickled next to the run and loading it
+    back needs ``trust_pickled_estimator=True``, because unpickling runs code.
+
+    Levels: ``sequence`` (one feature per input; images or pooled text) and ``token`` (one feature
+    per word, at the first sub-token, for tagging such as named entities; batches carry per-token
+    ``labels`` ``(B, T)`` with ``-100`` where no word starts), with entity-level precision, recall
+    and F1 next to token accuracy.
+
+    ``predict`` returns class probabilities or, with ``predict_output="embeddings"``, the features.
+    The first validation's features go to TensorBoard's projector, labelled by class.
+
+    Args:
+        backbone: a backbone spec or module (see :func:`tlmodules.backbones.build_backbone`).
+        save_backbone: also store the frozen backbone's weights in checkpoints (by default only the
+            spec is stored and a hash of the weights, checked when the checkpoint is loaded).
+        projector_samples: how many validation features go to the projector (0: none).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "builtin:lenet",
+        weights: str | None = "DEFAULT",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        level: Literal["sequence", "token"] = "sequence",
+        classifier: str = "linear",
+        classifier_args: dict[str, Any] | None = None,
+        head_hidden: int = 256,
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerName = "adamw",
+        momentum: float = 0.9,
+        lr_schedule: LRSchedule = "constant",
+        warmup_fraction: float = 0.0,
+        label_smoothing: float = 0.0,
+        pooling: Literal["mean", "cls", "max"] = "mean",
+        trust_remote_code: bool = False,
+        num_features: int | None = None,
+        pretrained: bool = True,
+        cache_dir: str | None = None,
+        predict_output: Literal["probabilities", "embeddings"] = "probabilities",
+        projector_samples: int = 1000,
+        save_backbone: bool = False,
+        trust_pickled_estimator: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if level not in ("sequence", "token"):
+            raise ValueError(f"unknown level {level!r}; choose sequence or token")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.backbone: Backbone = build_backbone(
+            backbone,
+            weights=weights,
+            pooling=pooling,
+            trust_remote_code=trust_remote_code,
+            num_features=num_features,
+            pretrained=pretrained,
+        )
+        if level == "token" and not isinstance(self.backbone, TransformerBackbone):
+            raise ValueError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.uses_estimator = classifier not in TRAINED_HEADS
+        self.linear_estimator = False
+        if self.uses_estimator:
+            from sklearn.linear_model._base import LinearClassifierMixin
+
+            prototype = make_estimator(classifier, classifier_args, seed)  # fails now on a bad name or argument
+            self.linear_estimator = isinstance(prototype, LinearClassifierMixin)
+            self.automatic_optimization = False
+        self.head: ClassificationHead | None = None
+        self.estimator: Any = None
+        self.estimator_file: dict[str, str] | None = None
+        self.estimator_fitted = False
+        self.cache = FeatureCache(cache_dir)
+        self.labels_seen: dict[str, dict[int, Tensor]] = {}
+        self._backbone_digest: str | None = None
+        self._projector_logged = False
+        if num_classes is not None:
+            self.size_classifier(num_classes)
+
+    # -- construction -----------------------------------------------------------------------------
+    def build_classifier(self, num_classes: int) -> None:
+        hp = self.hparams
+        if not self.uses_estimator or self.linear_estimator:
+            hidden = hp.head_hidden if hp.classifier == "mlp" else 0
+            self.head = ClassificationHead(self.backbone.num_features, num_classes, hidden, hp.dropout)
+            if self.uses_estimator:
+                self.head.requires_grad_(False)  # filled from the fitted estimator, not trained
+        if hp.level == "token":
+            self.val_entities = EntityF1()
+            self.test_entities = EntityF1()
+
+    def train(self, mode: bool = True) -> FeatureProbeModule:
+        super().train(mode)
+        self.backbone.eval()  # frozen: BatchNorm statistics and dropout stay as pretrained
+        return self
+
+    def backbone_digest(self) -> str:
+        if self._backbone_digest is None:
+            self._backbone_digest = tensor_digest(self.backbone)
+        return self._backbone_digest
+
+    def setup(self, stage: str) -> None:
+        self.setup_labels(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        hparams = getattr(datamodule, "hparams", {})
+        if stage == "fit" and (hparams.get("augment") or hparams.get("hflip")):
+            raise ValueError(
+                "a feature probe computes each sample's features once; random augmentation would make the cached "
+                "features stale. Set augment: false and hflip: false on the datamodule (or fine-tune instead)"
+            )
+
+    def _bind_cache(self, split: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        fingerprint = getattr(datamodule, "fingerprint", None)
+        data_key = fingerprint(split) if callable(fingerprint) else None
+        if data_key is None:  # no stable description of the data: memory only, for this datamodule object
+            self.cache.bind(split, f"memory-{id(datamodule)}-{split}", persistent=False)
+            return
+        origin = origin_dict(self.backbone)
+        key = cache_key(
+            origin,
+            repr(self.backbone.preprocessing),
+            self.hparams.level,
+            self.hparams.pooling,
+            self.backbone_digest(),
+            data_key,
+            split,
+        )
+        self.cache.bind(split, key)
+
+    # -- features ---------------------------------------------------------------------------------
+    def features(self, batch: Any, split: str) -> tuple[Tensor, Tensor | None, list[int] | None]:
+        """Cached or freshly computed features of a batch.
+
+        Returns ``(features, labels, lengths)``: sequence level ``(B, F)``, ``(B,)``, ``None``;
+        token level ``(N, F)`` and ``(N,)`` for the ``N`` labelled word starts of the batch, with
+        ``lengths`` the number of words per sentence.
+        """
+        inputs, labels = unpack_batch(batch)
+        index = batch.get("index") if isinstance(batch, dict) else None
+        keys = index.tolist() if index is not None else None
+        cached = self.cache.lookup(split, keys) if keys is not None else None
+        if self.hparams.level == "sequence":
+            if cached is not None:
+                feats = torch.stack(cached).to(self.device)
+            else:
+                with torch.no_grad():
+                    feats = self.backbone(inputs).float()
+                if keys is not None:
+                    self.cache.add(split, keys, feats)
+            return feats, labels, None
+        if labels is None:
+            raise ValueError("token-level batches need 'labels' (B, T) marking word starts (-100 elsewhere)")
+        starts = labels != -100
+        lengths = starts.sum(1).tolist()
+        if cached is not None:
+            per_sentence = [c.to(self.device) for c in cached]
+        else:
+            with torch.no_grad():
+                hidden = self.backbone.forward_tokens(inputs).float()
+            per_sentence = [hidden[b][starts[b]] for b in range(hidden.shape[0])]
+            if keys is not None:
+                self.cache.add(split, keys, per_sentence)
+        return torch.cat(per_sentence), labels[starts], lengths
+
+    def remember_labels(self, split: str, batch: Any, labels: Tensor | None, lengths: list[int] | None) -> None:
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if index is None or labels is None:
+            return
+        table = self.labels_seen.setdefault(split, {})
+        pieces = labels.split(lengths) if lengths is not None else labels
+        for i, piece in zip(index.tolist(), pieces):
+            table[i] = piece.detach().cpu()
+
+    # -- classifier -------------------------------------------------------------------------------
+    def classify(self, feats: Tensor) -> Tensor:
+        """Features ``(N, F)`` → logits ``(N, num_classes)`` (log-probabilities for a fitted estimator)."""
+        if self.head is not None:
+            return self.head(feats)
+        if self.estimator is None:
+            raise RuntimeError("the estimator is not fitted yet: train for at least one epoch or load a checkpoint")
+        probs = estimator_scores(self.estimator, feats.float().cpu(), self.num_classes)
+        return probs.clamp_min(1e-12).log().to(feats.device)
+
+    def forward(self, inputs: Any) -> Tensor:
+        """Sequence level: inputs → logits ``(B, num_classes)`` (no cache; for use outside the Trainer)."""
+        with torch.no_grad():
+            feats = self.backbone(inputs).float()
+        return self.classify(feats)
+
+    def fit_estimator_on_cache(self) -> None:
+        """Fit the scikit-learn estimator on every cached training feature (all processes' shards)."""
+        merge_across_processes(self.labels_seen.setdefault("train", {}))
+        indices, feats = self.cache.items("train")
+        labels = self.labels_seen["train"]
+        indices = [i for i in indices if i in labels]
+        table = dict(zip(*self.cache.items("train")))
+        if self.hparams.level == "token":
+            x = torch.cat([table[i] for i in indices])
+            y = torch.cat([labels[i] for i in indices])
+        else:
+            x = torch.stack([table[i] for i in indices])
+            y = torch.stack([labels[i] for i in indices]).view(-1)
+        start = time.perf_counter()
+        estimator = fit_estimator(
+            make_estimator(self.hparams.classifier, self.hparams.classifier_args, self.hparams.seed), x, y
+        )
+        self.log("train/estimator_fit_seconds", time.perf_counter() - start, on_step=False, on_epoch=True)
+        if is_linear(estimator) and self.head is not None:
+            weight, bias = linear_head_parameters(estimator, self.num_classes)
+            layer = self.head.net[-1]
+            with torch.no_grad():
+                layer.weight.copy_(weight.to(layer.weight))
+                layer.bias.copy_(bias.to(layer.bias))
+        else:
+            self.estimator = estimator
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "estimators"
+            if self.global_rank == 0:
+                path, digest = save_pickled_estimator(estimator, folder)
+                self.estimator_file = {"path": str(path.resolve()), "sha256": digest}
+        self.estimator_fitted = True
+        train_logits = self.classify(x.to(self.device))
+        self.train_metrics.update(train_logits, y.to(self.device))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def parameter_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("head", list(self.head.parameters()), 1.0)]
+
+    def configure_optimizers(self) -> Any:
+        if self.uses_estimator:
+            # scikit-learn fits the classifier. A no-op optimizer lets the Trainer count a step per batch:
+            # checkpointing and logging intervals are counted in steps.
+            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+        return super().configure_optimizers()
+
+    # -- loop hooks -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._bind_cache("train")
+        self._bind_cache("val")
+        self._train_shared = False
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._bind_cache("val")
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._bind_cache("test")
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._bind_cache("predict")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        feats, labels, lengths = self.features(batch, "train")
+        if self.uses_estimator:
+            self.remember_labels("train", batch, labels, lengths)
+            self.optimizers().step()  # no-op: counts the step
+            return None
+        logits = self.head(feats)
+        loss = self.classification_loss(logits, labels)
+        self.log_training(logits, labels, loss)
+        self.log_learning_rates()
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx + 1 < self.trainer.num_training_batches:
+            return
+        if not self._train_shared:  # first epoch done: every process gets every feature (collective)
+            self.cache.share("train")
+            self._train_shared = True
+            if self.global_rank == 0:
+                self.cache.flush("train")
+        if self.uses_estimator and not self.estimator_fitted:
+            self.fit_estimator_on_cache()
+
+    def _evaluate(self, batch: Any, split: str, stage: str) -> None:
+        if self.uses_estimator and not self.estimator_fitted:
+            self.features(batch, split)  # sanity check before the fit: just fill the cache
+            return
+        feats, labels, lengths = self.features(batch, split)
+        if split == "val":
+            self.remember_labels(split, batch, labels, lengths)
+        logits = self.classify(feats)
+        self.log_evaluation(stage, logits, labels)
+        if lengths is not None:
+            entities = self.val_entities if stage == "val" else self.test_entities
+            names = self.class_names
+            predicted = [[names[i] for i in s.tolist()] for s in logits.argmax(-1).split(lengths)]
+            gold = [[names[i] for i in s.tolist()] for s in labels.split(lengths)]
+            entities.update(predicted, gold)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val", "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test", "test")
+
+    def _log_entities(self, stage: str) -> None:
+        metric = getattr(self, f"{stage}_entities", None)
+        if metric is None or not metric.update_called:
+            return
+        scores = metric.compute()
+        metric.reset()
+        self.log_dict({f"{stage}/entity_{k}": v for k, v in scores.items()})
+
+    def on_validation_epoch_end(self) -> None:
+        if self.uses_estimator and not self.estimator_fitted:
+            return
+        self._log_entities("val")
+        super().on_validation_epoch_end()
+        self.cache.flush("val", self.global_rank)
+        self.log_projector()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_entities("test")
+        super().on_test_epoch_end()
+        self.cache.flush("test", self.global_rank)
+
+    def log_projector(self) -> None:
+        """Validation features with their class names to TensorBoard's projector (once per fit)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        count = self.hparams.projector_samples
+        if self._projector_logged or count <= 0 or self.trainer.sanity_checking or self.global_rank != 0:
+            return
+        if not isinstance(self.logger, TensorBoardLogger) or self.hparams.level != "sequence":
+            return
+        labels = self.labels_seen.get("val", {})
+        indices, feats = self.cache.items("val")
+        chosen = [(i, f) for i, f in zip(indices, feats) if i in labels][:count]
+        if not chosen:
+            return
+        names = self.class_names
+        metadata = [names[int(labels[i])] for i, _ in chosen]
+        matrix = torch.stack([f for _, f in chosen])
+        self.logger.experiment.add_embedding(
+            matrix, metadata=metadata, tag="val/features", global_step=self.global_step
+        )
+        self._projector_logged = True
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{"index": (B,), "probs": (B, C)}``, or ``{"index", "embeddings": (B, F)}`` for embeddings output."""
+        feats, _, lengths = self.features(batch, "predict")
+        if lengths is not None:
+            raise NotImplementedError("token-level predict is not offered yet; use test to score tagged files")
+        index = self.prediction_index(batch, len(feats), dataloader_idx)
+        if self.hparams.predict_output == "embeddings":
+            return {"index": index, "embeddings": feats}
+        return {"index": index, "probs": self.classify(feats).float().softmax(-1)}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict[str, Any]:
+        kind = "head" if not self.uses_estimator else ("linear_estimator" if self.head is not None else "pickled")
+        return {
+            **super().checkpoint_meta(),
+            "backbone": origin_dict(self.backbone),
+            "backbone_saved": bool(self.hparams.save_backbone),
+            "backbone_digest": self.backbone_digest(),
+            "classifier": {
+                "name": self.hparams.classifier,
+                "kind": kind,
+                "fitted": self.estimator_fitted or not self.uses_estimator,
+                **(self.estimator_file or {}),
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if not self.hparams.save_backbone:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("backbone.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        meta = checkpoint["tlmodules"]
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("backbone.") for k in state):
+            saved_digest = meta.get("backbone_digest")
+            if saved_digest and saved_digest != self.backbone_digest():
+                raise ValueError(
+                    f"the backbone {meta.get('backbone', {}).get('spec')} now resolves to different weights than the "
+                    "ones this probe was trained on; restore those weights, retrain, or save with save_backbone=True"
+                )
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        classifier = meta.get("classifier", {})
+        if classifier.get("kind") == "pickled" and classifier.get("fitted"):
+            self.estimator = load_pickled_estimator(
+                classifier["path"], classifier["sha256"], allow_pickle=self.hparams.trust_pickled_estimator
+            )
+            self.estimator_file = {"path": classifier["path"], "sha256": classifier["sha256"]}
+        self.estimator_fitted = bool(classifier.get("fitted", False))
