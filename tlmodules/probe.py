@@ -57,6 +57,7 @@ class FeatureProbeModule(TransferModule):
         save_backbone: also store the frozen backbone's weights in checkpoints (by default only the
             spec is stored and a hash of the weights, checked when the checkpoint is loaded).
         projector_samples: how many validation features go to the projector (0: none).
+        cache_features: ``False`` runs the backbone on every batch of every epoch (for comparison).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class FeatureProbeModule(TransferModule):
         num_features: int | None = None,
         pretrained: bool = True,
         cache_dir: str | None = None,
+        cache_features: bool = True,
         predict_output: Literal["probabilities", "embeddings"] = "probabilities",
         projector_samples: int = 1000,
         save_backbone: bool = False,
@@ -107,6 +109,8 @@ class FeatureProbeModule(TransferModule):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.uses_estimator = classifier not in TRAINED_HEADS
+        if self.uses_estimator and not cache_features:
+            raise ValueError("a scikit-learn classifier is fitted on the cached features: keep cache_features=True")
         self.linear_estimator = False
         if self.uses_estimator:
             from sklearn.linear_model._base import LinearClassifierMixin
@@ -186,7 +190,7 @@ class FeatureProbeModule(TransferModule):
         """
         inputs, labels = unpack_batch(batch)
         index = batch.get("index") if isinstance(batch, dict) else None
-        keys = index.tolist() if index is not None else None
+        keys = index.tolist() if index is not None and self.hparams.cache_features else None
         cached = self.cache.lookup(split, keys) if keys is not None else None
         if self.hparams.level == "sequence":
             if cached is not None:

