@@ -13,17 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import MINILM, RESULTS, SHARED, read_tsv, stratified_split, write_tsv
-from datamodules import TextClassificationDataModule
-from tlmodules import FineTuneModule
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from bench.common import MINILM, RESULTS, SHARED, read_tsv, stratified_split, write_tsv  # noqa: E402
+from datamodules import TextClassificationDataModule  # noqa: E402
+from tlmodules import FineTuneModule  # noqa: E402
 
 DATA = SHARED / "text" / "uci_sentences" / "yelp_labelled.txt"
 RESULTS_FILE = RESULTS / "finetune_yelp.json"

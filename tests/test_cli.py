@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import FILLER, NEGATIVE, POSITIVE
 from PIL import Image
 from torchvision import transforms as T
 
@@ -129,10 +131,37 @@ def text_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCas
     return DataCase(args, num_classes=2, max_length=16)
 
 
+def write_conll(path: Path, sentences: int, seed: int) -> Path:
+    """Tagged sentences of common English words: "good" words are B-POS, "bad" words B-NEG, the rest O."""
+    rng = random.Random(seed)
+    blocks = []
+    for _ in range(sentences):
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE), rng.choice(NEGATIVE)]
+        rng.shuffle(words)
+        tags = ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in words]
+        blocks.append("\n".join(f"{word} X {tag}" for word, tag in zip(words, tags)))
+    path.write_text("-DOCSTART- -X- O\n\n" + "\n\n".join(blocks) + "\n")
+    return path
+
+
+def conll_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
+    tmp_path = request.getfixturevalue("tmp_path")
+    init = data_args(recipe)
+    args = ["--data.init_args.batch_size", "4", "--data.init_args.max_length", "16"]
+    for stage in ("train", "val", "test", "predict"):
+        key = f"{stage}_file"
+        if stage == "train" or init.get(key):
+            args += [f"--data.init_args.{key}", str(write_conll(tmp_path / f"{stage}.conll", 12, seed=len(stage)))]
+    if model_args(recipe).get("cache_dir"):  # keep the feature cache of tiny data out of the working directory
+        args += ["--model.init_args.cache_dir", str(tmp_path / "feature_cache")]
+    return DataCase(args, num_classes=3, max_length=16)  # O, B-NEG, B-POS
+
+
 DATA_CASES: dict[str, Callable[[dict[str, Any], pytest.FixtureRequest], DataCase]] = {
     "SklearnDigitsDataModule": digits_case,
     "ImageFolderDataModule": image_folder_case,
     "TextClassificationDataModule": text_case,
+    "ConllDataModule": conll_case,
 }
 
 
@@ -276,7 +305,10 @@ def test_recipe_fits_on_tiny_data(recipe_path: Path, tmp_path: Path, request: py
     assert meta["class_names"] == cli.datamodule.class_names
 
     assert list((runs / run_name(recipe)).rglob("events.out.tfevents.*")), "no TensorBoard event file"
-    assert "val/acc" in event_scalars(runs / run_name(recipe))
+    scalars = event_scalars(runs / run_name(recipe))
+    assert "val/acc" in scalars
+    if model_args(recipe).get("level") == "token":
+        assert {"val/entity_f1", "val/entity_precision", "val/entity_recall"} <= scalars
 
 
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)

@@ -4,6 +4,10 @@
 lives in ``tests/scripts/ddp_finetune.py`` and each test runs it in a subprocess (CPU, gloo).
 The script trains ``freeze_unfreeze`` (backbone frozen in epoch 0, unfrozen from epoch 1) for 3
 epochs of 4 steps and every rank saves what it ended with.
+
+Feature probing under DDP: ``tests/scripts/ddp_probe.py`` fits a linear-head probe and a
+logistic-regression probe on two processes; each rank extracts only its own shard, once, and then
+holds every feature.
 """
 
 from __future__ import annotations
@@ -113,3 +117,58 @@ def test_resume_after_unfreeze_wraps_the_unfrozen_backbone(synced_run, tmp_path:
         assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
     resumed_vs_full = max_diff(r0["final"], full0["final"])
     assert resumed_vs_full <= 1e-6, f"resumed run ends {resumed_vs_full} away from the uninterrupted one"
+
+
+# -- feature probe: each rank extracts its own shard once, then every rank holds every feature ------
+PROBE_SCRIPT = Path(__file__).parent / "scripts" / "ddp_probe.py"
+PROBE_SAMPLES, PROBE_VAL, PROBE_BATCH = 64, 16, 8  # as in the script
+
+
+def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: Path) -> None:
+    out = tmp_path / "probe"
+    env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"}}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, str(PROBE_SCRIPT), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, f"DDP probe run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["pid"] != r1["pid"] and [r0["linear"]["rank"], r1["linear"]["rank"]] == [0, 1]
+    shard_batches = PROBE_SAMPLES // 2 // PROBE_BATCH
+
+    for run, epochs in (("linear", 3), ("logistic_regression", 1)):
+        a, b = r0[run], r1[run]
+        assert a["world_size"] == 2
+        for rank in (a, b):
+            # the backbone ran on this rank's own shard of epoch 0, one call per batch, and never again ...
+            assert rank["train_calls"] == shard_batches, f"{run}: {rank['train_calls']} backbone calls on training"
+            assert sorted(rank["computed"]) == [0]
+            assert sorted(rank["computed"][0]) == sorted(rank["seen"][0])
+            assert sorted(rank["seen"]) == list(range(epochs))
+            # ... although the sampler gave it other samples in later epochs
+            for epoch in range(1, epochs):
+                assert set(rank["seen"][epoch]) != set(rank["seen"][0]), "the shards did not change: the test is moot"
+            assert rank["val_calls"] == PROBE_VAL // 2 // PROBE_BATCH
+            # after the first epoch every rank holds every training feature; validation stays per shard
+            assert rank["train_cached"] == PROBE_SAMPLES
+            assert rank["train_cached_indices"] == list(range(PROBE_SAMPLES))
+            assert rank["val_cached"] == PROBE_VAL // 2
+            assert rank["backbone_unchanged"], f"{run}: the frozen backbone's parameters or buffers changed"
+        assert not set(a["computed"][0]) & set(b["computed"][0]), "both ranks extracted the same samples"
+        assert sorted(a["computed"][0] + b["computed"][0]) == list(range(PROBE_SAMPLES))
+
+        # the head is the same on both ranks, and it learned something
+        assert a["head_initial"].keys() == a["head"].keys() == b["head"].keys()
+        for name in a["head"]:
+            assert torch.equal(a["head"][name], b["head"][name]), f"{run}: head {name} differs between ranks"
+        assert max_diff(a["head"], a["head_initial"]) > 1e-2, f"{run}: the head did not move"
+        assert a["val_acc"] == b["val_acc"] > 0.5  # three classes: chance is 1/3
+
+    # the estimator was fitted once per rank, each time on all 64 training samples (every rank's shard)
+    assert r0["linear"]["estimator_fits"] == []
+    assert r0["logistic_regression"]["estimator_fits"] == r1["logistic_regression"]["estimator_fits"] == [64]

@@ -177,8 +177,9 @@ def is_linear(estimator: Any) -> bool:
         coef, intercept, classes = estimator.coef_, estimator.intercept_, estimator.classes_
     except AttributeError:  # unfitted, or e.g. SVC(kernel="rbf") whose coef_ property raises
         return False
-    if not isinstance(coef, np.ndarray) or coef.ndim != 2:  # e.g. sparsified coef_
+    if not isinstance(coef, np.ndarray) or coef.ndim not in (1, 2):  # e.g. sparsified coef_
         return False
+    coef = coef.reshape(1, -1) if coef.ndim == 1 else coef  # binary RidgeClassifier keeps a 1-d coef_
     rows = 1 if len(classes) == 2 else len(classes)
     return coef.shape[0] == rows and np.shape(intercept) in ((rows,), ())
 
@@ -197,7 +198,7 @@ def linear_head_parameters(estimator: Any, num_classes: int) -> tuple[Tensor, Te
             "intercept_); store it with save_pickled_estimator instead"
         )
     classes = _class_indices(estimator, num_classes)
-    coef = np.asarray(estimator.coef_, dtype=np.float64)
+    coef = np.atleast_2d(np.asarray(estimator.coef_, dtype=np.float64))
     intercept = np.broadcast_to(np.asarray(estimator.intercept_, dtype=np.float64), (coef.shape[0],))
     if len(classes) == 2:
         coef = np.concatenate([np.zeros_like(coef), coef])

@@ -6,7 +6,9 @@ miss. The cache lives in memory; with a ``folder`` it is also written to disk un
 from the backbone (spec, weights, preprocessing, a hash of every weight), the data (its
 datamodule's fingerprint of the split) and the feature level, so a later run with the same backbone
 and data does not recompute, and any change to them selects a different file. Files are read with
-``torch.load(weights_only=True)`` and written to a temporary name, then renamed.
+``torch.load(weights_only=True)`` and written to a temporary name, then renamed. Each file records a
+SHA-256 of its tensors: a file that fails it, or whose tensors do not fit together, is ignored and
+its samples are recomputed (``torch.load`` itself does not notice flipped bytes in tensor data).
 
 Under DDP each process extracts the samples of its own shard; :meth:`share` exchanges them so that
 every process holds every sample (shards change between epochs when the sampler shuffles).
@@ -25,13 +27,26 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def _update_digest(digest: Any, name: str, tensor: Tensor) -> None:
+    data = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+    # flattened first: a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+
+
 def tensor_digest(module: nn.Module) -> str:
     """SHA-256 over every parameter and buffer (name, shape, dtype, bytes) of ``module``."""
     digest = hashlib.sha256()
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        _update_digest(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def _payload_digest(index: Tensor, lengths: Tensor, features: Tensor) -> str:
+    """SHA-256 of a cache file's tensors."""
+    digest = hashlib.sha256()
+    for name, tensor in (("index", index), ("lengths", lengths), ("features", features)):
+        _update_digest(digest, name, tensor)
     return digest.hexdigest()
 
 
@@ -106,27 +121,45 @@ class FeatureCache:
         if self.folder is None or key is None or not self.persistent.get(split) or split not in self.dirty:
             return None
         indices, features = self.items(split)
-        lengths = torch.tensor([f.shape[0] if f.ndim > 1 else 0 for f in features], dtype=torch.long)
+        # rows per sample: -1 for a vector (F,) (one row); n >= 0 for a matrix (n, F), e.g. a sentence's
+        # words (none at all when every word was truncated or tokenized to nothing)
+        lengths = torch.tensor([f.shape[0] if f.ndim > 1 else -1 for f in features], dtype=torch.long)
         flat = torch.cat([f if f.ndim > 1 else f.unsqueeze(0) for f in features]) if features else torch.empty(0)
+        index = torch.tensor(indices, dtype=torch.long)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{key}.rank{rank}.pt"
         partial = path.with_name(path.name + ".partial")
-        torch.save({"index": torch.tensor(indices, dtype=torch.long), "lengths": lengths, "features": flat}, partial)
+        payload = {"index": index, "lengths": lengths, "features": flat}
+        torch.save({**payload, "sha256": _payload_digest(index, lengths, flat)}, partial)
         partial.replace(path)
         self.dirty.discard(split)
         return path
 
     @staticmethod
     def _read(path: Path) -> dict[int, Tensor]:
+        """The samples of one file; none from a file that is unreadable, inconsistent or fails its SHA-256."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             index, lengths, flat = saved["index"], saved["lengths"], saved["features"]
+            if saved.get("sha256") != _payload_digest(index, lengths, flat):
+                return {}
+            rows = torch.where(lengths < 0, 1, lengths)
+            if (
+                index.ndim != 1
+                or lengths.shape != index.shape
+                or not len(index)
+                or bool((lengths < -1).any())
+                or flat.ndim != 2
+                or not flat.is_floating_point()
+                or flat.shape[0] != int(rows.sum())
+            ):
+                return {}
         except Exception:  # noqa: BLE001 - an unreadable cache file is recomputed, never trusted
             return {}
         table: dict[int, Tensor] = {}
         row = 0
         for i, n in zip(index.tolist(), lengths.tolist()):
-            if n == 0:
+            if n < 0:
                 table[i] = flat[row]
                 row += 1
             else:

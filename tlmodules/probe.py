@@ -13,6 +13,7 @@ from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, o
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
 from tlmodules.entities import EntityF1
 from tlmodules.estimators import (
+    ESTIMATORS,
     estimator_scores,
     fit_estimator,
     is_linear,
@@ -108,6 +109,11 @@ class FeatureProbeModule(TransferModule):
             raise ValueError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        if classifier not in TRAINED_HEADS and classifier not in ESTIMATORS and "." not in classifier:
+            raise ValueError(
+                f"unknown classifier {classifier!r}; choose one of {[*TRAINED_HEADS, *sorted(ESTIMATORS)]} or a "
+                "scikit-learn classifier's class path such as 'sklearn.linear_model.RidgeClassifier'"
+            )
         self.uses_estimator = classifier not in TRAINED_HEADS
         if self.uses_estimator and not cache_features:
             raise ValueError("a scikit-learn classifier is fitted on the cached features: keep cache_features=True")
@@ -118,6 +124,9 @@ class FeatureProbeModule(TransferModule):
             prototype = make_estimator(classifier, classifier_args, seed)  # fails now on a bad name or argument
             self.linear_estimator = isinstance(prototype, LinearClassifierMixin)
             self.automatic_optimization = False
+            # what the no-op optimizer steps; also gives DDP a parameter that requires a gradient (it refuses
+            # to wrap a module without one), though no gradient ever flows
+            self.no_op_parameter = nn.Parameter(torch.zeros(1))
         self.head: ClassificationHead | None = None
         self.estimator: Any = None
         self.estimator_file: dict[str, str] | None = None
@@ -193,6 +202,11 @@ class FeatureProbeModule(TransferModule):
         keys = index.tolist() if index is not None and self.hparams.cache_features else None
         cached = self.cache.lookup(split, keys) if keys is not None else None
         if self.hparams.level == "sequence":
+            if labels is not None and labels.ndim != 1:
+                raise ValueError(
+                    f"level='sequence' takes one label per input, but the batch's labels have shape "
+                    f"{tuple(labels.shape)}: one per token (tagging data such as ConllDataModule's); set level='token'"
+                )
             if cached is not None:
                 feats = torch.stack(cached).to(self.device)
             else:
@@ -203,6 +217,12 @@ class FeatureProbeModule(TransferModule):
             return feats, labels, None
         if labels is None:
             raise ValueError("token-level batches need 'labels' (B, T) marking word starts (-100 elsewhere)")
+        if labels.ndim != 2:
+            raise ValueError(
+                f"level='token' needs one label per token, (B, T) with -100 where no word starts (as ConllDataModule "
+                f"gives), but the batch's labels have shape {tuple(labels.shape)}: for one label per input use "
+                "level='sequence'"
+            )
         starts = labels != -100
         lengths = starts.sum(1).tolist()
         if cached is not None:
@@ -257,7 +277,9 @@ class FeatureProbeModule(TransferModule):
         estimator = fit_estimator(
             make_estimator(self.hparams.classifier, self.hparams.classifier_args, self.hparams.seed), x, y
         )
-        self.log("train/estimator_fit_seconds", time.perf_counter() - start, on_step=False, on_epoch=True)
+        self.log(
+            "train/estimator_fit_seconds", time.perf_counter() - start, on_step=False, on_epoch=True, sync_dist=True
+        )
         if is_linear(estimator) and self.head is not None:
             weight, bias = linear_head_parameters(estimator, self.num_classes)
             layer = self.head.net[-1]
@@ -265,6 +287,9 @@ class FeatureProbeModule(TransferModule):
                 layer.weight.copy_(weight.to(layer.weight))
                 layer.bias.copy_(bias.to(layer.bias))
         else:
+            # a linear class whose fitted form has no per-class weight rows (e.g. RidgeClassifier's 1-d binary
+            # coef_) keeps its estimator: the head built for it stays unfilled and must not classify
+            self.head = None
             self.estimator = estimator
             folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "estimators"
             if self.global_rank == 0:
@@ -283,7 +308,7 @@ class FeatureProbeModule(TransferModule):
         if self.uses_estimator:
             # scikit-learn fits the classifier. A no-op optimizer lets the Trainer count a step per batch:
             # checkpointing and logging intervals are counted in steps.
-            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+            return torch.optim.SGD([self.no_op_parameter], lr=0.0)
         return super().configure_optimizers()
 
     # -- loop hooks -------------------------------------------------------------------------------
@@ -438,6 +463,8 @@ class FeatureProbeModule(TransferModule):
                 )
             state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
         classifier = meta.get("classifier", {})
+        if classifier.get("kind") == "pickled":
+            self.head = None  # (built when the class looked linear; the fitted estimator was pickled instead)
         if classifier.get("kind") == "pickled" and classifier.get("fitted"):
             self.estimator = load_pickled_estimator(
                 classifier["path"], classifier["sha256"], allow_pickle=self.hparams.trust_pickled_estimator

@@ -10,7 +10,8 @@ Usage: ``python ddp_probe.py OUT_DIR``. Every rank writes ``OUT_DIR/rank<r>.pt``
 (``"linear"``, ``"logistic_regression"``): the sample indices whose training batches made the backbone
 run, per epoch (``"computed"``), the indices this rank trained on, per epoch (``"seen"``), the number
 of backbone calls on training and on validation batches, the number of training / validation samples
-in the cache after the fit, the head's state and how often the estimator was fitted.
+in the cache after the fit, the head's state before and after, whether the backbone's parameters and
+buffers are unchanged, and the number of samples each estimator fit used.
 """
 
 from __future__ import annotations
@@ -84,21 +85,30 @@ class Recorder(pl.Callback):
         if self.stage == "train":
             self.train_calls += 1
             self.computed.setdefault(self.epoch, []).extend(self.batch)
-        else:
+        elif self.stage == "val":
             self.val_calls += 1
+        else:
+            raise AssertionError("the backbone ran outside a training or validation batch")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.stage, self.epoch, self.batch = "train", trainer.current_epoch, batch["index"].tolist()
         self.seen.setdefault(trainer.current_epoch, []).extend(self.batch)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stage = ""
+
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.stage = "val"
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.stage = ""
 
 
 def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
     model = FeatureProbeModule(backbone=SmallBackbone(), num_classes=NUM_CLASSES, classifier=classifier, lr=0.05)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     recorder = Recorder(model)
     fits: list[int] = []
     original_fit = tlmodules.probe.fit_estimator
@@ -119,6 +129,7 @@ def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=root,
+        callbacks=[recorder],
     )
     train = DataLoader(PatternData(NUM_SAMPLES, seed=1), batch_size=BATCH_SIZE, shuffle=True)
     val = DataLoader(PatternData(NUM_VAL, seed=2, offset=1000), batch_size=BATCH_SIZE)
@@ -135,6 +146,7 @@ def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
         "train_cached": model.cache.size("train"),
         "train_cached_indices": model.cache.items("train")[0],
         "val_cached": model.cache.size("val"),
+        "head_initial": head_before,
         "head": {k: v.detach().clone() for k, v in model.head.state_dict().items()},
         "backbone_unchanged": all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before),
         "estimator_fits": fits,
