@@ -1,7 +1,8 @@
-"""LightningDataModules for tlmodules: image folders, text tables, CoNLL files, and data shipped with dependencies."""
+"""LightningDataModules: images, text tables, CoNLL files, domain pairs, and data shipped with dependencies."""
 
-from datamodules.builtin import SklearnDigitsDataModule
+from datamodules.builtin import DigitsDomainDataModule, SklearnDigitsDataModule
 from datamodules.conll import ConllDataModule, align_word_labels
+from datamodules.domain import DomainAdaptationDataModule
 from datamodules.images import ImageFolderDataModule
 from datamodules.tables import DataError
 from datamodules.text import TextClassificationDataModule
@@ -9,6 +10,8 @@ from datamodules.text import TextClassificationDataModule
 __all__ = [
     "ConllDataModule",
     "DataError",
+    "DigitsDomainDataModule",
+    "DomainAdaptationDataModule",
     "ImageFolderDataModule",
     "SklearnDigitsDataModule",
     "TextClassificationDataModule",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, seeded_split
+from datamodules.domain import DomainAdaptationDataModule
 from datamodules.images import ImageSamples, build_image_transform
+from datamodules.tables import DataError
 from tlmodules.backbones import resolve_preprocessing
 
 
@@ -68,3 +70,110 @@ class SklearnDigitsDataModule(ClassificationDataModule):
 
     def prediction_id(self, index: int) -> str:
         return f"load_digits[{index}]"
+
+
+def blend_onto_photos(digits: list[Image.Image], size: int, seed: int) -> list[Image.Image]:
+    """The MNIST-M recipe (Ganin & Lempitsky, ICML 2015) on scikit-learn's own photos.
+
+    Each digit is resized to ``size × size``; a random ``size × size`` patch is cut from one of
+    scikit-learn's ``load_sample_images()`` photos; the result is ``|patch − digit|`` per channel,
+    so the digit shows as an inverted stroke on a colourful background.
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(p, dtype=np.float32) / 255.0 for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    blended = []
+    for digit in digits:
+        stroke = np.asarray(digit.resize((size, size), Image.BILINEAR), dtype=np.float32)[..., None] / 255.0
+        photo = photos[rng.integers(len(photos))]
+        top = rng.integers(photo.shape[0] - size)
+        left = rng.integers(photo.shape[1] - size)
+        patch = photo[top : top + size, left : left + size]
+        blended.append(Image.fromarray((np.abs(patch - stroke) * 255).astype(np.uint8), mode="RGB"))
+    return blended
+
+
+class PreparedImages(Dataset):
+    """Every item of a deterministic image dataset transformed once, up front (small in-memory sets)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.items = [dataset[i] for i in range(len(dataset))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class InMemoryImageDataModule(ClassificationDataModule):
+    """Images already in memory with labels, split seeded and stratified into train / validation
+    (the validation split doubles as the test split). Used to compose the embedded domain pair."""
+
+    def __init__(
+        self,
+        images: list[Image.Image],
+        labels: list[int],
+        class_names: list[str],
+        transform,
+        val_fraction: float,
+        seed: int,
+        batch_size: int,
+        num_workers: int | None,
+        name: str,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed)
+        self.class_names = list(class_names)
+        dataset = PreparedImages(ImageSamples(images, labels, transform))
+        train, val = seeded_split(labels, val_fraction, seed)
+        self.datasets = {"train": Subset(dataset, train), "val": Subset(dataset, val), "test": Subset(dataset, val)}
+        self.name = name
+
+    def setup(self, stage: str | None = None) -> None:
+        return None
+
+
+class DigitsDomainDataModule(DomainAdaptationDataModule):
+    """An embedded domain-adaptation pair, nothing to download.
+
+    Source: scikit-learn's ``load_digits()`` as grayscale images. Target: *other* digits of the same
+    set (a seeded, disjoint half) blended onto random patches of scikit-learn's two sample photos
+    (:func:`blend_onto_photos`, the recipe by which MNIST-M was made from MNIST). Each domain is split
+    seeded and stratified into train and validation; target labels serve evaluation only.
+
+    Args:
+        target_fraction: share of the 1,797 digits that become the target domain.
+        val_fraction: share of each domain held out for validation (and test).
+    """
+
+    def __init__(
+        self,
+        backbone: str | None = "builtin:lenet",
+        weights: str | None = "DEFAULT",
+        image_size: int | None = None,
+        target_fraction: float = 0.5,
+        val_fraction: float = 0.3,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int | None = 0,
+    ) -> None:
+        if not 0.0 < target_fraction < 1.0:
+            raise DataError(f"target_fraction must be in (0, 1), got {target_fraction}")
+        images, labels = sklearn_digit_images()
+        source_idx, target_idx = seeded_split(labels, target_fraction, seed)
+        preprocessing = resolve_preprocessing(backbone, weights) if isinstance(backbone, str) else None
+        transform = build_image_transform(preprocessing, image_size=image_size)
+        size = image_size or (preprocessing.resize_size if preprocessing and preprocessing.resize_size else 28)
+        names = [str(d) for d in range(10)]
+        common = {"val_fraction": val_fraction, "seed": seed, "batch_size": batch_size, "num_workers": num_workers}
+        source = InMemoryImageDataModule(
+            [images[i] for i in source_idx], [labels[i] for i in source_idx], names, transform, name="digits", **common
+        )
+        target_images = blend_onto_photos([images[i] for i in target_idx], size, seed)
+        target = InMemoryImageDataModule(
+            target_images, [labels[i] for i in target_idx], names, transform, name="digits-on-photos", **common
+        )
+        super().__init__(source, target)
+        self.save_hyperparameters(ignore=["backbone", "weights"])
+        self.backbone_spec, self.backbone_weights = backbone, weights

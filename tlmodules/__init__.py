@@ -1,6 +1,7 @@
 """tlmodules: PyTorch Lightning modules for transfer learning."""
 
 from tlmodules.backbones import Backbone, BackboneError, Preprocessing, build_backbone, resolve_preprocessing
+from tlmodules.dann import DANNModule
 from tlmodules.finetune import FineTuneModule
 from tlmodules.heads import ClassificationHead
 from tlmodules.probe import FeatureProbeModule
@@ -9,6 +10,7 @@ __all__ = [
     "Backbone",
     "BackboneError",
     "ClassificationHead",
+    "DANNModule",
     "FeatureProbeModule",
     "FineTuneModule",
     "Preprocessing",

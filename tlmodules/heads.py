@@ -31,3 +31,24 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)
+
+
+class DomainDiscriminator(nn.Module):
+    """Tells source from target: ``(B, in_features)`` → domain logits ``(B,)`` (source = 1, target = 0).
+
+    ``Linear → BatchNorm → ReLU`` twice, then ``Linear(hidden, 1)`` (the discriminator of
+    Transfer-Learning-Library, returning logits instead of a sigmoid so that the loss is
+    ``binary_cross_entropy_with_logits``, which is safe under autocast).
+    """
+
+    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True) -> None:
+        super().__init__()
+
+        def block(width_in: int) -> list[nn.Module]:
+            norm: list[nn.Module] = [nn.BatchNorm1d(hidden)] if batch_norm else []
+            return [nn.Linear(width_in, hidden), *norm, nn.ReLU(inplace=True)]
+
+        self.net = nn.Sequential(*block(in_features), *block(hidden), nn.Linear(hidden, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features).squeeze(-1)

@@ -10,8 +10,9 @@ import math
 from typing import Literal
 
 FinetuneStrategy = Literal["full", "freeze", "freeze_unfreeze", "gradual", "lp_ft"]
-LRSchedule = Literal["constant", "cosine", "linear"]
+LRSchedule = Literal["constant", "cosine", "linear", "dann"]
 STRATEGIES: tuple[str, ...] = ("full", "freeze", "freeze_unfreeze", "gradual", "lp_ft")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "dann")
 
 
 def trainable_top_groups(strategy: str, epoch: int, num_groups: int, unfreeze_epoch: int = 1) -> int:
@@ -39,10 +40,11 @@ def lr_shape(schedule: str, progress: float, warmup_fraction: float = 0.0) -> fl
     """Multiplier of the base learning rate at ``progress`` ∈ [0, 1] (step / total steps).
 
     Linear warm-up over the first ``warmup_fraction`` of training, then ``constant``,
-    ``cosine`` (to 0; Loshchilov & Hutter 2017) or ``linear`` decay (to 0).
+    ``cosine`` (to 0; Loshchilov & Hutter 2017), ``linear`` decay (to 0) or DANN's annealing
+    ``1 / (1 + 10 p)^0.75`` (:func:`dann_lr_factor`).
     """
-    if schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant, cosine or linear")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     progress = min(max(progress, 0.0), 1.0)
     if warmup_fraction > 0 and progress < warmup_fraction:
         return progress / warmup_fraction
@@ -53,7 +55,7 @@ def lr_shape(schedule: str, progress: float, warmup_fraction: float = 0.0) -> fl
         return 0.5 * (1.0 + math.cos(math.pi * rest))
     if schedule == "linear":
         return 1.0 - rest
-    raise ValueError(f"unknown lr_schedule {schedule!r}; choose constant, cosine or linear")
+    return dann_lr_factor(rest)
 
 
 def layer_lr_multipliers(num_groups: int, backbone_lr_ratio: float, layer_decay: float | None) -> list[float]:
@@ -66,3 +68,16 @@ def layer_lr_multipliers(num_groups: int, backbone_lr_ratio: float, layer_decay:
     if layer_decay is None:
         return [backbone_lr_ratio] * num_groups
     return [backbone_lr_ratio * layer_decay ** (num_groups - 1 - i) for i in range(num_groups)]
+
+
+def dann_lambda(progress: float, lambda_max: float = 1.0, gamma: float = 10.0) -> float:
+    """DANN's adaptation weight ``λ_p = λ_max · (2 / (1 + exp(-γ p)) - 1)`` (Ganin et al., JMLR 2016, §5.2.2):
+    0 at the start, rising to ``λ_max``, so the early, noisy discriminator does not disturb the features."""
+    progress = min(max(progress, 0.0), 1.0)
+    return lambda_max * (2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0)
+
+
+def dann_lr_factor(progress: float, alpha: float = 10.0, beta: float = 0.75) -> float:
+    """DANN's annealing ``μ_p / μ_0 = 1 / (1 + α p)^β`` (Ganin et al., JMLR 2016, §5.2.2)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return (1.0 + alpha * progress) ** (-beta)

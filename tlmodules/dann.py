@@ -1,0 +1,292 @@
+"""Domain-adversarial adaptation: features that serve the labelled source and the unlabelled target alike."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from tlmodules.backbones import Backbone, build_backbone, origin_dict
+from tlmodules.base import OptimizerName, ParamGroup, TransferModule, classification_metrics, unpack_batch
+from tlmodules.grl import grad_reverse
+from tlmodules.heads import ClassificationHead, DomainDiscriminator
+from tlmodules.information import InformationMaximization, entropy
+from tlmodules.projection import log_domain_projection
+from tlmodules.schedules import LRSchedule, dann_lambda
+
+DOMAINS = ("source", "target")
+
+
+class DANNModule(TransferModule):
+    """DANN (Ganin et al., "Domain-Adversarial Training of Neural Networks", JMLR 2016) and its
+    conditional variant CDAN (Long et al., "Conditional Adversarial Domain Adaptation", NeurIPS 2018).
+
+    ``backbone → bottleneck (optional) → features f → classifier``; a domain discriminator sees
+    ``f`` (DANN) or ``f ⊗ softmax(logits)`` (CDAN; with ``entropy_conditioning`` samples with
+    confident predictions weigh more, CDAN+E) through a gradient reversal layer. The loss is the
+    source cross-entropy plus the discriminator's binary cross-entropy on both domains; the reversal
+    coefficient follows ``λ_p = λ_max (2 / (1 + exp(-γ p)) - 1)`` of training progress ``p`` and the
+    learning rate ``μ_0 / (1 + 10 p)^0.75`` (``lr_schedule="dann"``), so a resumed run continues both.
+
+    Training batches are ``{"source": source batch, "target": target batch}`` (target labels, if
+    any, are never used for training). Validation and test take one dataloader per domain (names from
+    the datamodule's ``val_domains``/``test_domains``, else source then target); target accuracy is
+    logged when target labels exist, and always the label-free information-maximisation signals
+    ``val/target/entropy``, ``val/target/diversity`` and ``val/target/im_score`` for choosing
+    checkpoints without target labels. ``adversarial=False`` is the source-only baseline through the
+    very same pipeline.
+
+    Args:
+        bottleneck: width of a ``Linear → BatchNorm → ReLU`` layer after the backbone (0: none).
+        head_hidden: hidden units of the label classifier (0: linear).
+        joint_batch: source and target go through the backbone as one batch (shared BatchNorm
+            statistics); ``False`` runs them separately (per-domain batch statistics).
+        backbone_lr_ratio: the backbone's learning rate relative to the new layers'.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "builtin:lenet",
+        weights: str | None = "DEFAULT",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        adversarial: bool = True,
+        method: Literal["dann", "cdan"] = "dann",
+        entropy_conditioning: bool = True,
+        lambda_max: float = 1.0,
+        gamma: float = 10.0,
+        bottleneck: int = 0,
+        head_hidden: int = 0,
+        dropout: float = 0.0,
+        discriminator_hidden: int = 1024,
+        joint_batch: bool = True,
+        lr: float = 0.01,
+        backbone_lr_ratio: float = 1.0,
+        weight_decay: float = 5e-4,
+        optimizer: OptimizerName = "sgd",
+        momentum: float = 0.9,
+        lr_schedule: LRSchedule = "dann",
+        warmup_fraction: float = 0.0,
+        label_smoothing: float = 0.0,
+        pooling: Literal["mean", "cls", "max"] = "mean",
+        trust_remote_code: bool = False,
+        num_features: int | None = None,
+        pretrained: bool = True,
+        projection_samples: int = 500,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if method not in ("dann", "cdan"):
+            raise ValueError(f"unknown method {method!r}; choose dann or cdan")
+        if lr <= 0 or lambda_max < 0:
+            raise ValueError(f"lr must be positive and lambda_max >= 0, got {lr} and {lambda_max}")
+        self.backbone: Backbone = build_backbone(
+            backbone,
+            weights=weights,
+            pooling=pooling,
+            trust_remote_code=trust_remote_code,
+            num_features=num_features,
+            pretrained=pretrained,
+        )
+        width = self.backbone.num_features
+        if bottleneck > 0:
+            self.bottleneck: nn.Module = nn.Sequential(
+                nn.Linear(width, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU(inplace=True)
+            )
+            width = bottleneck
+        else:
+            self.bottleneck = nn.Identity()
+        self.feature_width = width
+        self.head: ClassificationHead | None = None
+        self.discriminator: DomainDiscriminator | None = None
+        self._projection: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        if num_classes is not None:
+            self.size_classifier(num_classes)
+
+    # -- construction -----------------------------------------------------------------------------
+    def build_classifier(self, num_classes: int) -> None:
+        hp = self.hparams
+        self.head = ClassificationHead(self.feature_width, num_classes, hp.head_hidden, hp.dropout)
+        if hp.adversarial:
+            width = self.feature_width * (num_classes if hp.method == "cdan" else 1)
+            self.discriminator = DomainDiscriminator(width, hp.discriminator_hidden)
+        self.domain_metrics = nn.ModuleDict(
+            {
+                f"{stage}_{domain}": classification_metrics(num_classes, f"{stage}/{domain}/")
+                for stage in ("val", "test")
+                for domain in DOMAINS
+            }
+        )
+        self.target_information = nn.ModuleDict(
+            {stage: InformationMaximization(num_classes) for stage in ("val", "test")}
+        )
+
+    def setup(self, stage: str) -> None:
+        self.setup_labels(stage)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def features(self, inputs: Any) -> Tensor:
+        """Inputs → adapted features ``(B, feature_width)``."""
+        return self.bottleneck(self.backbone(inputs))
+
+    def forward(self, inputs: Any) -> Tensor:
+        """Inputs → class logits ``(B, num_classes)``."""
+        return self.head(self.features(inputs))
+
+    def _domain_features(self, source: Any, target: Any) -> tuple[Tensor, Tensor]:
+        joinable = isinstance(source, Tensor) and isinstance(target, Tensor) and source.shape[1:] == target.shape[1:]
+        if self.hparams.joint_batch and joinable:
+            both = self.features(torch.cat([source, target]))
+            return both[: len(source)], both[len(source) :]
+        return self.features(source), self.features(target)
+
+    # -- adversarial loss -------------------------------------------------------------------------
+    def adaptation_weight(self) -> float:
+        """``λ_p`` at the current step (a pure function of progress: resumes continue it)."""
+        progress = self.training_progress(self.global_step)
+        return dann_lambda(progress, self.hparams.lambda_max, self.hparams.gamma)
+
+    def domain_loss(
+        self, feats_s: Tensor, feats_t: Tensor, logits_s: Tensor, logits_t: Tensor, coefficient: float
+    ) -> tuple[Tensor, Tensor]:
+        """Discriminator loss through the gradient reversal layer, and the discriminator's accuracy.
+
+        DANN: the discriminator sees ``f`` ``(B, W)``; CDAN: ``f ⊗ p`` flattened ``(B, W·C)`` with
+        ``p = softmax(logits)`` detached, and CDAN+E weights samples by ``1 + exp(-H(p))``.
+        """
+        hp = self.hparams
+        inputs_s, inputs_t = feats_s, feats_t
+        weights_s = weights_t = None
+        if hp.method == "cdan":
+            probs_s, probs_t = logits_s.detach().float().softmax(-1), logits_t.detach().float().softmax(-1)
+            inputs_s = torch.bmm(probs_s.unsqueeze(2), feats_s.float().unsqueeze(1)).flatten(1)
+            inputs_t = torch.bmm(probs_t.unsqueeze(2), feats_t.float().unsqueeze(1)).flatten(1)
+            if hp.entropy_conditioning:
+                weights_s = 1.0 + torch.exp(-entropy(probs_s))
+                weights_t = 1.0 + torch.exp(-entropy(probs_t))
+                weights_s, weights_t = weights_s / weights_s.sum(), weights_t / weights_t.sum()
+        d_s = self.discriminator(grad_reverse(inputs_s, coefficient)).float()
+        d_t = self.discriminator(grad_reverse(inputs_t, coefficient)).float()
+        ones, zeros = torch.ones_like(d_s), torch.zeros_like(d_t)
+        if weights_s is None:
+            loss = 0.5 * (
+                F.binary_cross_entropy_with_logits(d_s, ones) + F.binary_cross_entropy_with_logits(d_t, zeros)
+            )
+        else:
+            loss = 0.5 * (
+                (F.binary_cross_entropy_with_logits(d_s, ones, reduction="none") * weights_s).sum()
+                + (F.binary_cross_entropy_with_logits(d_t, zeros, reduction="none") * weights_t).sum()
+            )
+        accuracy = 0.5 * ((d_s > 0).float().mean() + (d_t <= 0).float().mean())
+        return loss, accuracy
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def parameter_groups(self) -> list[ParamGroup]:
+        groups = [
+            ParamGroup("backbone", list(self.backbone.parameters()), self.hparams.backbone_lr_ratio),
+            ParamGroup("head", [*self.bottleneck.parameters(), *self.head.parameters()], 1.0),
+        ]
+        if self.discriminator is not None:
+            groups.append(ParamGroup("discriminator", list(self.discriminator.parameters()), 1.0))
+        return groups
+
+    # -- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if not isinstance(batch, dict) or "source" not in batch or "target" not in batch:
+            raise ValueError(
+                "DANNModule trains on batches {'source': ..., 'target': ...}; use DomainAdaptationDataModule "
+                "(or a CombinedLoader of a source and a target loader)"
+            )
+        inputs_s, labels_s = unpack_batch(batch["source"])
+        inputs_t, _ = unpack_batch(batch["target"])
+        feats_s, feats_t = self._domain_features(inputs_s, inputs_t)
+        logits_s = self.head(feats_s)
+        loss = self.classification_loss(logits_s, labels_s)
+        batch_size = len(labels_s)
+        self.log("train/source/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        accuracy = (logits_s.argmax(-1) == labels_s).float().mean()
+        self.log("train/source/acc", accuracy, on_step=False, on_epoch=True, batch_size=batch_size)
+        if self.discriminator is not None:
+            coefficient = self.adaptation_weight()
+            logits_t = self.head(feats_t) if self.hparams.method == "cdan" else feats_t.new_empty(0)
+            domain_loss, domain_acc = self.domain_loss(feats_s, feats_t, logits_s, logits_t, coefficient)
+            loss = loss + domain_loss
+            self.log("train/domain/loss", domain_loss, on_step=True, on_epoch=True, batch_size=batch_size)
+            self.log("train/domain/acc", domain_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log("train/lambda", coefficient, on_step=True, on_epoch=False)
+        self.log_learning_rates()
+        return loss
+
+    def _domain_name(self, stage: str, dataloader_idx: int) -> str:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, f"{stage}_domains", None) or DOMAINS
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"domain{dataloader_idx}"
+
+    def _evaluate(self, batch: Any, stage: str, dataloader_idx: int) -> None:
+        domain = self._domain_name(stage, dataloader_idx)
+        inputs, labels = unpack_batch(batch)
+        feats = self.features(inputs)
+        logits = self.head(feats)
+        if domain == "target":
+            self.target_information[stage].update(logits)
+        labelled = labels is not None and bool((labels >= 0).all())
+        if labelled:
+            key = f"{stage}_{domain}"
+            if key in self.domain_metrics:
+                self.domain_metrics[key].update(logits, labels)
+            if domain == "target":
+                (self.val_confusion if stage == "val" else self.test_confusion).update(logits, labels)
+        if stage == "val" and self.hparams.projection_samples > 0:
+            kept = self._projection.setdefault(domain, [])
+            if sum(len(f) for f, _ in kept) < self.hparams.projection_samples:
+                marks = labels if labels is not None else torch.full((len(feats),), -1, device=feats.device)
+                kept.append((feats.detach().float().cpu(), marks.detach().cpu()))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val", dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test", dataloader_idx)
+
+    def _log_domains(self, stage: str) -> dict[str, Tensor]:
+        logged: dict[str, Tensor] = {}
+        for domain in DOMAINS:
+            metrics: MetricCollection = self.domain_metrics[f"{stage}_{domain}"]
+            if any(m.update_called for m in metrics.values()):
+                logged.update(metrics.compute())
+            metrics.reset()
+        information = self.target_information[stage]
+        if information.update_called:
+            scores = information.compute()
+            logged.update({f"{stage}/target/{k if k != 'score' else 'im_score'}": v for k, v in scores.items()})
+        information.reset()
+        self.log_dict(logged)
+        return logged
+
+    def on_validation_epoch_end(self) -> None:
+        logged = self._log_domains("val")
+        best = logged.get("val/target/acc", logged.get("val/target/im_score"))
+        if best is not None:
+            self.log("hp_metric", best)
+        if self.val_confusion.update_called:
+            self.log_confusion_matrix(self.val_confusion, "val/target/confusion_matrix", self.class_names)
+        if not self.trainer.sanity_checking:
+            log_domain_projection(self, self._projection, self.class_names)
+        self._projection = {}
+
+    def on_test_epoch_end(self) -> None:
+        self._log_domains("test")
+        if self.test_confusion.update_called:
+            self.log_confusion_matrix(self.test_confusion, "test/target/confusion_matrix", self.class_names)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        inputs, _ = unpack_batch(batch)
+        probs = self(inputs).float().softmax(-1)
+        return {"index": self.prediction_index(batch, len(probs), dataloader_idx), "probs": probs}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "backbone": origin_dict(self.backbone)}
