@@ -841,3 +841,25 @@ def test_level_that_does_not_fit_the_labels_is_a_clear_error(
     other = "sequence" if level == "token" else "token"
     with pytest.raises(ValueError, match=rf"level='{level}'.*labels have shape.*level='{other}'"):
         make_trainer().fit(model, datamodule=data)
+
+
+@pytest.mark.parametrize("classifier", ["linear", "logistic_regression"])
+def test_normalize_features_feeds_unit_vectors_to_the_classifier(
+    classifier: str, tiny_hf_dir: Path, sentences: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Tensor] = []
+    original = tlmodules.probe.fit_estimator
+    monkeypatch.setattr(tlmodules.probe, "fit_estimator", lambda est, x, y: seen.append(x) or original(est, x, y))
+    model = text_probe(tiny_hf_dir, classifier=classifier, normalize_features=True, lr=1e-2)
+    data = text_data(sentences, tiny_hf_dir)
+    make_trainer(max_epochs=2).fit(model, datamodule=data)
+    _, raw = backbone_features(model, data.val_dataloader())
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(raw)))  # the backbone's own features are not unit
+    # the classifier's logits are those of the normalised features, not of the raw ones
+    with torch.no_grad():
+        expected = model.head(nn.functional.normalize(raw, dim=-1))
+        torch.testing.assert_close(model.classify(raw), expected)
+        assert not torch.allclose(model.head(raw), expected)
+    if classifier == "logistic_regression":
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(len(seen[0]), dtype=seen[0].dtype))

@@ -9,6 +9,7 @@ optimizer state always fits a resumed run.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
@@ -33,6 +35,15 @@ class ParamGroup:
     name: str
     params: list[nn.Parameter]
     lr_mult: float = 1.0
+
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+
+def quiet_eval_mode_warning() -> None:
+    """Frozen layers are in eval mode on purpose (their BatchNorm statistics and dropout stay fixed);
+    silence Lightning's warning about modules in eval mode at the start of training."""
+    warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Tensor | None]:

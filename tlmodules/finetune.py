@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
-from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
+from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.freezing import LateParameterSync, eval_frozen_submodules
 from tlmodules.heads import ClassificationHead
 from tlmodules.regularizers import L2SP
@@ -21,8 +19,6 @@ from tlmodules.schedules import (
     layer_lr_multipliers,
     trainable_top_groups,
 )
-
-EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class FineTuneModule(TransferModule):
@@ -158,8 +154,7 @@ class FineTuneModule(TransferModule):
 
     def on_fit_start(self) -> None:
         self._late_sync.record(self, wrapped_by_ddp=self.trainer.world_size > 1)
-        # Frozen layers are in eval mode on purpose (their BatchNorm statistics and dropout stay fixed).
-        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+        quiet_eval_mode_warning()
 
     def on_train_start(self) -> None:
         # Resuming from a checkpoint written on an epoch's last batch, Lightning enters the next epoch

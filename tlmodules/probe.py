@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
-from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
+from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.entities import EntityF1
 from tlmodules.estimators import (
     ESTIMATORS,
@@ -59,6 +59,8 @@ class FeatureProbeModule(TransferModule):
             spec is stored and a hash of the weights, checked when the checkpoint is loaded).
         projector_samples: how many validation features go to the projector (0: none).
         cache_features: ``False`` runs the backbone on every batch of every epoch (for comparison).
+        normalize_features: L2-normalise features before the classifier (sentence-transformers
+            models such as all-MiniLM-L6-v2 are trained to be compared as unit vectors).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class FeatureProbeModule(TransferModule):
         pretrained: bool = True,
         cache_dir: str | None = None,
         cache_features: bool = True,
+        normalize_features: bool = False,
         predict_output: Literal["probabilities", "embeddings"] = "probabilities",
         projector_samples: int = 1000,
         save_backbone: bool = False,
@@ -245,8 +248,13 @@ class FeatureProbeModule(TransferModule):
             table[i] = piece.detach().cpu()
 
     # -- classifier -------------------------------------------------------------------------------
+    def prepare(self, feats: Tensor) -> Tensor:
+        """What the classifier sees: the cached features, L2-normalised if asked."""
+        return nn.functional.normalize(feats, dim=-1) if self.hparams.normalize_features else feats
+
     def classify(self, feats: Tensor) -> Tensor:
         """Features ``(N, F)`` → logits ``(N, num_classes)`` (log-probabilities for a fitted estimator)."""
+        feats = self.prepare(feats)
         if self.head is not None:
             return self.head(feats)
         if self.estimator is None:
@@ -275,7 +283,7 @@ class FeatureProbeModule(TransferModule):
             y = torch.stack([labels[i] for i in indices]).view(-1)
         start = time.perf_counter()
         estimator = fit_estimator(
-            make_estimator(self.hparams.classifier, self.hparams.classifier_args, self.hparams.seed), x, y
+            make_estimator(self.hparams.classifier, self.hparams.classifier_args, self.hparams.seed), self.prepare(x), y
         )
         self.log(
             "train/estimator_fit_seconds", time.perf_counter() - start, on_step=False, on_epoch=True, sync_dist=True
@@ -313,6 +321,7 @@ class FeatureProbeModule(TransferModule):
 
     # -- loop hooks -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        quiet_eval_mode_warning()
         self._bind_cache("train")
         self._bind_cache("val")
         self._train_shared = False
@@ -335,7 +344,7 @@ class FeatureProbeModule(TransferModule):
             self.remember_labels("train", batch, labels, lengths)
             self.optimizers().step()  # no-op: counts the step
             return None
-        logits = self.head(feats)
+        logits = self.classify(feats)
         loss = self.classification_loss(logits, labels)
         self.log_training(logits, labels, loss)
         self.log_learning_rates()
