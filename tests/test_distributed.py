@@ -172,3 +172,54 @@ def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: P
     # the estimator was fitted once per rank, each time on all 64 training samples (every rank's shard)
     assert r0["linear"]["estimator_fits"] == []
     assert r0["logistic_regression"]["estimator_fits"] == r1["logistic_regression"]["estimator_fits"] == [64]
+
+
+# -- DANN: DomainAdaptationDataModule shards both domains, and the ranks stay in step ------------
+DOMAIN_SCRIPT = Path(__file__).parent / "scripts" / "ddp_domain.py"
+SOURCE_TRAIN, TARGET_TRAIN, DOMAIN_BATCH = 48, 32, 8  # as in the script
+
+
+def test_domain_adaptation_shards_source_and_target_and_keeps_ranks_identical(tmp_path: Path) -> None:
+    out = tmp_path / "domain"
+    env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"}}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, str(DOMAIN_SCRIPT), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, f"DDP DANN run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert [r0["rank"], r1["rank"]] == [0, 1] and r0["world_size"] == 2 and r0["pid"] != r1["pid"]
+
+    steps = SOURCE_TRAIN // 2 // DOMAIN_BATCH  # the longer (source) side's batches per rank
+    for rank in (r0, r1):
+        assert rank["global_step"] == steps
+        assert rank["target_batches"] == [DOMAIN_BATCH] * steps
+        # one pass over this rank's source shard, without repeats
+        assert len(rank["source"]) == len(set(rank["source"])) == SOURCE_TRAIN // 2
+        # the target shard (2 batches) is used whole, then cycled from its start
+        shard = TARGET_TRAIN // 2
+        assert len(set(rank["target"][:shard])) == shard
+        assert set(rank["target"][shard:]) <= set(rank["target"][:shard])
+        assert rank["val_domains"] == ["source", "target"]
+    # disjoint shards that together cover each side
+    assert not set(r0["source"]) & set(r1["source"])
+    assert sorted(r0["source"] + r1["source"]) == list(range(SOURCE_TRAIN))
+    assert not set(r0["target"]) & set(r1["target"])
+    assert set(r0["target"]) | set(r1["target"]) == set(range(TARGET_TRAIN))
+
+    # the model (discriminator included) moved, and identically on both ranks
+    assert any(n.startswith("discriminator.") for n in r0["final"])
+    assert max_diff(r0["final"], r0["initial"], "discriminator.") > 1e-4
+    assert max_diff(r0["final"], r0["initial"], "backbone.") > 1e-4
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
+    # validation metrics are synchronised: the same on both ranks, and over each domain's whole validation set
+    for key in ("val/source/acc", "val/target/acc", "val/target/im_score", "hp_metric"):
+        assert r0["metrics"][key] == r1["metrics"][key], key
+    for domain in ("source", "target"):
+        assert r0["metrics"][f"val/{domain}/acc"] == pytest.approx(r0["full_val_acc"][domain])

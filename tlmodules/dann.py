@@ -168,8 +168,10 @@ class DANNModule(TransferModule):
                 weights_s = 1.0 + torch.exp(-entropy(probs_s))
                 weights_t = 1.0 + torch.exp(-entropy(probs_t))
                 weights_s, weights_t = weights_s / weights_s.sum(), weights_t / weights_t.sum()
-        d_s = self.discriminator(grad_reverse(inputs_s, coefficient)).float()
-        d_t = self.discriminator(grad_reverse(inputs_t, coefficient)).float()
+        # one batch of both domains, as in Transfer-Learning-Library: the discriminator's BatchNorm must not
+        # normalise each domain on its own (that erases a shift between them after the first layer)
+        d = self.discriminator(grad_reverse(torch.cat([inputs_s, inputs_t]), coefficient)).float()
+        d_s, d_t = d[: len(inputs_s)], d[len(inputs_s) :]
         ones, zeros = torch.ones_like(d_s), torch.zeros_like(d_t)
         if weights_s is None:
             loss = 0.5 * (
@@ -241,9 +243,10 @@ class DANNModule(TransferModule):
                 (self.val_confusion if stage == "val" else self.test_confusion).update(logits, labels)
         if stage == "val" and self.hparams.projection_samples > 0:
             kept = self._projection.setdefault(domain, [])
-            if sum(len(f) for f, _ in kept) < self.hparams.projection_samples:
+            room = self.hparams.projection_samples - sum(len(f) for f, _ in kept)
+            if room > 0:  # at most projection_samples per domain
                 marks = labels if labels is not None else torch.full((len(feats),), -1, device=feats.device)
-                kept.append((feats.detach().float().cpu(), marks.detach().cpu()))
+                kept.append((feats[:room].detach().float().cpu(), marks[:room].detach().cpu()))
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val", dataloader_idx)

@@ -1,0 +1,725 @@
+"""Domain-adversarial adaptation: gradient reversal, DANN's schedules, the domain discriminator, the
+information-maximisation signals, and DANNModule's training steps, logging, checkpoints and mixed
+precision, on tiny tensors and on the embedded digits → digits-on-photos pair."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import tlmodules.dann as dann_module
+from datamodules import DigitsDomainDataModule
+from tlmodules import DANNModule
+from tlmodules.grl import GradientReversalLayer, grad_reverse
+from tlmodules.heads import DomainDiscriminator
+from tlmodules.information import InformationMaximization
+from tlmodules.schedules import dann_lambda, dann_lr_factor, lr_shape
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "max_epochs": 1,
+}
+IN_FEATURES, WIDTH, NUM_CLASSES = 4, 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny tensors: a second OpenMP thread only waits on the other core (slower by 100x under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_trainer(**overrides: Any) -> pl.Trainer:
+    return pl.Trainer(**{**TRAINER_DEFAULTS, **overrides})
+
+
+def plain_path(inputs: Tensor, coefficient: float = 1.0) -> Tensor:
+    """Stands in for ``grad_reverse``: the same graph without the reversal."""
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient reversal
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3, 4), (2, 0, 3), (1, 3, 8, 8)])
+def test_grl_forward_is_the_identity(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape)
+    y = grad_reverse(x, 3.0)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(y, x)
+    assert torch.equal(GradientReversalLayer()(x, 3.0), x)
+
+
+@pytest.mark.parametrize("coefficient", [0.0, 0.5, 2.0])
+def test_grl_backward_multiplies_the_gradient_by_minus_lambda(coefficient: float) -> None:
+    x = torch.randn(3, 4, requires_grad=True)
+    weights = torch.randn(3, 4)
+    (grad,) = torch.autograd.grad((grad_reverse(x, coefficient) * weights).sum(), x)
+    assert torch.equal(grad, -coefficient * weights)
+    # through a module below it as well: the upstream parameters get the reversed gradient
+    layer = nn.Linear(4, 2)
+    upstream = torch.randn(5, 4)
+    out_weights = torch.randn(5, 2)
+    plain = torch.autograd.grad((layer(upstream) * out_weights).sum(), layer.weight)[0]
+    reversed_ = torch.autograd.grad((grad_reverse(layer(upstream), coefficient) * out_weights).sum(), layer.weight)[0]
+    torch.testing.assert_close(reversed_, -coefficient * plain)
+
+
+def test_grl_jacobian_in_float64_is_minus_lambda_times_the_true_one() -> None:
+    """Gradcheck-style: the analytic Jacobian of ``sin(grl(x²))`` is ``-λ`` times the finite-difference one;
+    ``gradcheck`` itself passes for ``λ = -1`` (the true derivative) and fails for ``λ = 1``."""
+    coefficient = 0.7
+    x = torch.randn(5, dtype=torch.float64)
+
+    def f(inputs: Tensor, c: float = coefficient) -> Tensor:
+        return torch.sin(grad_reverse(inputs * inputs, c))
+
+    analytic = torch.autograd.functional.jacobian(f, x)
+    eps = 1e-6
+    numeric = torch.stack([(f(x + eps * e) - f(x - eps * e)) / (2 * eps) for e in torch.eye(5, dtype=torch.float64)], 1)
+    torch.testing.assert_close(numeric, torch.diag(2 * x * torch.cos(x * x)), rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(analytic, -coefficient * numeric, rtol=1e-7, atol=1e-8)
+
+    leaf = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: f(v, -1.0), (leaf,))
+    assert not torch.autograd.gradcheck(lambda v: f(v, 1.0), (leaf,), raise_exception=False)
+
+
+def test_grl_under_bf16_autocast() -> None:
+    layer = nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+    weights = torch.randn(6, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = layer(x)
+        out = grad_reverse(hidden, 2.0)
+        assert hidden.dtype == out.dtype == torch.bfloat16
+        assert torch.equal(out, hidden)
+        reversed_ = torch.autograd.grad((out.float() * weights).sum(), layer.weight)[0]
+        plain = torch.autograd.grad((layer(x).float() * weights).sum(), layer.weight)[0]
+    assert reversed_.dtype == torch.float32 and torch.isfinite(reversed_).all()
+    torch.testing.assert_close(reversed_, -2.0 * plain)  # a power of two: exact even in bf16
+
+
+def test_grl_module_form_matches_the_function() -> None:
+    module = GradientReversalLayer()
+    assert list(module.parameters()) == []
+    x = torch.randn(4, 5, requires_grad=True)
+    weights = torch.randn(4, 5)
+    for coefficient in (None, 0.25):
+        args = () if coefficient is None else (coefficient,)
+        by_module = torch.autograd.grad((module(x, *args) * weights).sum(), x)[0]
+        by_function = torch.autograd.grad((grad_reverse(x, *args) * weights).sum(), x)[0]
+        assert torch.equal(by_module, by_function)
+        assert torch.equal(by_module, -(1.0 if coefficient is None else coefficient) * weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# DANN's schedules
+# ---------------------------------------------------------------------------------------------
+def test_dann_lambda_rises_from_zero_to_its_maximum() -> None:
+    assert dann_lambda(0.0) == 0.0
+    assert dann_lambda(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert dann_lambda(1.0, lambda_max=0.3, gamma=4.0) == pytest.approx(0.3 * (2 / (1 + math.exp(-4)) - 1))
+    assert dann_lambda(0.25, 2.0, 10.0) == pytest.approx(2.0 * (2 / (1 + math.exp(-2.5)) - 1))
+    grid = [dann_lambda(p / 50) for p in range(51)]
+    assert all(b > a for a, b in zip(grid, grid[1:]))
+    # progress outside [0, 1] is clamped
+    assert dann_lambda(-0.5) == 0.0
+    assert dann_lambda(1.7, 0.5, 3.0) == dann_lambda(1.0, 0.5, 3.0)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.05, 0.3, 0.5, 1.0])
+def test_dann_lr_factor_formula(progress: float) -> None:
+    assert dann_lr_factor(progress) == pytest.approx((1 + 10 * progress) ** -0.75)
+    assert lr_shape("dann", progress) == pytest.approx(dann_lr_factor(progress))
+
+
+def test_dann_lr_factor_clamps_and_decays() -> None:
+    assert dann_lr_factor(0.0) == 1.0
+    assert dann_lr_factor(-1.0) == 1.0
+    assert dann_lr_factor(2.0) == dann_lr_factor(1.0) == pytest.approx(11**-0.75)
+    grid = [dann_lr_factor(p / 20) for p in range(21)]
+    assert all(b < a for a, b in zip(grid, grid[1:]))
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.1, 0.2, 0.35, 0.6, 1.0])
+def test_lr_shape_dann_after_warmup(progress: float) -> None:
+    """Linear warm-up over the first 20 %, then DANN's annealing of the progress made after the warm-up."""
+    warmup = 0.2
+    expected = progress / warmup if progress < warmup else dann_lr_factor((progress - warmup) / (1 - warmup))
+    assert lr_shape("dann", progress, warmup) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the domain discriminator
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_discriminator_returns_unbounded_logits_per_sample(batch_norm: bool) -> None:
+    disc = DomainDiscriminator(5, hidden=8, batch_norm=batch_norm)
+    norms = [m for m in disc.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(norms) == (2 if batch_norm else 0)
+    assert [m.in_features for m in disc.modules() if isinstance(m, nn.Linear)] == [5, 8, 8]
+    x = torch.randn(7, 5)
+    assert disc(x).shape == (7,)
+    with torch.no_grad():
+        disc.net[-1].bias.fill_(6.0)
+    assert (disc(x) > 1.0).all()  # no sigmoid
+    with torch.no_grad():
+        disc.net[-1].bias.fill_(-6.0)
+    assert (disc(x) < 0.0).all()
+    disc.eval()
+    assert disc(x[:1]).shape == (1,)
+
+
+def test_discriminator_loss_is_finite_under_bf16_autocast() -> None:
+    disc = DomainDiscriminator(5, hidden=8)
+    with torch.no_grad():
+        disc.net[-1].bias.fill_(60.0)  # saturated: a sigmoid then log would give inf in bf16
+    x = torch.randn(8, 5)
+    labels = torch.cat([torch.ones(4), torch.zeros(4)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = disc(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(loss) and loss > 10  # the target half is confidently wrong
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in disc.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# information maximisation
+# ---------------------------------------------------------------------------------------------
+def im_scores(logits: Tensor) -> dict[str, float]:
+    metric = InformationMaximization(logits.shape[1])
+    metric.update(logits)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def by_hand(logits: np.ndarray) -> dict[str, float]:
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    mean_entropy = float(np.mean([-sum(p * math.log(p) for p in row if p > 0) for row in probs]))
+    mean = probs.mean(0)
+    diversity = float(-sum(p * math.log(p) for p in mean if p > 0))
+    return {"entropy": mean_entropy, "diversity": diversity, "score": diversity - mean_entropy}
+
+
+def test_information_maximization_limits() -> None:
+    c = 5
+    uniform = im_scores(torch.zeros(4, c))
+    assert uniform["entropy"] == pytest.approx(math.log(c)) and uniform["diversity"] == pytest.approx(math.log(c))
+    assert uniform["score"] == pytest.approx(0.0, abs=1e-6)
+
+    collapsed = im_scores(F.one_hot(torch.full((6,), 2), c).float() * 40)
+    assert collapsed["entropy"] == pytest.approx(0.0, abs=1e-5)
+    assert collapsed["diversity"] == pytest.approx(0.0, abs=1e-5)
+
+    balanced = im_scores(F.one_hot(torch.arange(2 * c) % c, c).float() * 40)
+    assert balanced["entropy"] == pytest.approx(0.0, abs=1e-5)
+    assert balanced["diversity"] == pytest.approx(math.log(c), abs=1e-5)
+    assert balanced["score"] == pytest.approx(math.log(c), abs=1e-5)
+
+
+def test_information_maximization_matches_a_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-3.0, 1.0, 4.0], [0.0, 0.0, 0.0]])
+    expected = by_hand(logits.double().numpy())
+    got = im_scores(logits)
+    for key in ("entropy", "diversity", "score"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5)
+    assert im_scores(logits.bfloat16())["entropy"] == pytest.approx(expected["entropy"], rel=2e-2)
+
+
+def test_information_maximization_accumulates_and_merges() -> None:
+    a, b = torch.randn(5, 4) * 3, torch.randn(9, 4) * 3
+    whole = InformationMaximization(4)
+    whole.update(torch.cat([a, b]))
+    expected = whole.compute()
+    assert float(expected["entropy"]) == pytest.approx(by_hand(torch.cat([a, b]).double().numpy())["entropy"], rel=1e-5)
+
+    two = InformationMaximization(4)
+    two.update(a)
+    two.update(b)
+    for key, value in two.compute().items():
+        torch.testing.assert_close(value, expected[key])
+
+    first, second = InformationMaximization(4), InformationMaximization(4)
+    first.update(a)
+    second.update(b)
+    first.merge_state(second)
+    for key, value in first.compute().items():
+        torch.testing.assert_close(value, expected[key])
+    # a merge is not an average: the halves' own scores differ from the whole's
+    assert not torch.allclose(InformationMaximization(4).forward(a)["diversity"], expected["diversity"])
+
+
+# ---------------------------------------------------------------------------------------------
+# DANNModule on tiny tensors
+# ---------------------------------------------------------------------------------------------
+class TinyNet(nn.Module):
+    """``(B, 4) → (B, 6)``; BatchNorm only when asked."""
+
+    num_features = WIDTH
+
+    def __init__(self, batch_norm: bool = False) -> None:
+        super().__init__()
+        norm: list[nn.Module] = [nn.BatchNorm1d(WIDTH)] if batch_norm else []
+        self.net = nn.Sequential(nn.Linear(IN_FEATURES, WIDTH), *norm, nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def tiny_dann(batch_norm: bool = False, **kwargs: Any) -> DANNModule:
+    settings = {  # pinned: the tests below must not move when DANN's defaults are tuned
+        "num_classes": NUM_CLASSES,
+        "bottleneck": 0,
+        "head_hidden": 0,
+        "dropout": 0.0,
+        "optimizer": "sgd",
+        "lr_schedule": "dann",
+        "warmup_fraction": 0.0,
+        "lambda_max": 1.0,
+        "gamma": 10.0,
+        "entropy_conditioning": True,
+        "discriminator_hidden": 8,
+        "lr": 0.1,
+        "weight_decay": 0.0,
+        "momentum": 0.0,
+        "projection_samples": 0,
+        **kwargs,
+    }
+    return DANNModule(TinyNet(batch_norm), **settings)
+
+
+def domain_pairs(n: int, seed: int = 0, shift: float = 1.5) -> list[dict]:
+    """``{"source": {inputs, labels, index}, "target": {...}}`` samples; the target is shifted."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES
+    source = torch.randn(n, IN_FEATURES, generator=g) * 0.5
+    source[torch.arange(n), labels] += 2.0
+    target = torch.randn(n, IN_FEATURES, generator=g) * 0.5 + shift
+    return [
+        {
+            "source": {"inputs": source[i], "labels": labels[i], "index": i},
+            "target": {"inputs": target[i], "labels": labels[i], "index": i},
+        }
+        for i in range(n)
+    ]
+
+
+class GradCapture(pl.Callback):
+    """The gradients each optimizer step is about to apply."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def first_step_grads(model: DANNModule, data: list[dict], coefficient: float | None = None) -> dict[str, Tensor]:
+    """One real optimisation step (a Trainer, a batch dict); ``coefficient`` fixes λ (0 at step 0 otherwise)."""
+    if coefficient is not None:
+        model.adaptation_weight = lambda: coefficient
+    capture = GradCapture()
+    make_trainer(max_steps=1, callbacks=[capture]).fit(model, DataLoader(data, batch_size=len(data)))
+    assert len(capture.grads) == 1
+    return capture.grads[0]
+
+
+def test_domain_loss_gradient_on_the_features_is_reversed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The domain loss alone: through the gradient reversal layer the features get ``-λ`` times the gradient
+    of the very same computation without it; the discriminator's own gradients are untouched."""
+    model = tiny_dann()
+    feats_s = torch.randn(5, WIDTH, requires_grad=True)
+    feats_t = (torch.randn(7, WIDTH) + 1.0).requires_grad_(True)
+    empty = torch.empty(0)
+    disc_params = list(model.discriminator.parameters())
+
+    def grads(coefficient: float) -> list[Tensor]:
+        loss, _ = model.domain_loss(feats_s, feats_t, empty, empty, coefficient)
+        return list(torch.autograd.grad(loss, [feats_s, feats_t, *disc_params]))
+
+    reversed_one, reversed_half = grads(1.0), grads(0.5)
+    monkeypatch.setattr(dann_module, "grad_reverse", plain_path)
+    plain = grads(1.0)
+    for i in (0, 1):
+        assert plain[i].abs().max() > 1e-4
+        torch.testing.assert_close(reversed_one[i], -plain[i])
+        torch.testing.assert_close(reversed_half[i], -0.5 * plain[i])
+        assert (reversed_one[i] * plain[i]).sum() < 0  # opposite directions
+    for r, p in zip(reversed_one[2:], plain[2:]):
+        torch.testing.assert_close(r, p)
+
+
+def test_adversarial_step_trains_the_discriminator_and_reverses_its_gradient_into_the_backbone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = tiny_dann()
+    data = domain_pairs(8)
+    ce_only = first_step_grads(copy.deepcopy(base), data, 0.0)  # λ = 0: the classification gradient alone
+    adversarial = first_step_grads(copy.deepcopy(base), data, 1.0)
+    monkeypatch.setattr(dann_module, "grad_reverse", plain_path)
+    cooperative = first_step_grads(copy.deepcopy(base), data, 1.0)  # the discriminator's gradient, not reversed
+
+    disc = [n for n, _ in base.named_parameters() if n.startswith("discriminator.")]
+    assert disc and set(disc) <= set(adversarial)
+    assert all(adversarial[n].abs().max() > 0 for n in disc)
+    for n in disc:  # the reversal sits below the discriminator: its own gradient does not depend on λ
+        torch.testing.assert_close(adversarial[n], cooperative[n])
+        torch.testing.assert_close(adversarial[n], ce_only[n])
+    for n in [n for n, _ in base.named_parameters() if n.startswith("head.")]:
+        torch.testing.assert_close(adversarial[n], ce_only[n])  # the label classifier is not on the domain path
+    backbone = [n for n, _ in base.named_parameters() if n.startswith("backbone.")]
+    assert backbone
+    for n in backbone:
+        from_domain = adversarial[n] - ce_only[n]
+        plain = cooperative[n] - ce_only[n]
+        assert plain.abs().max() > 1e-5, f"{n}: the domain loss sent no gradient into the backbone"
+        torch.testing.assert_close(from_domain, -plain, rtol=1e-4, atol=1e-7)
+
+
+def test_discriminator_sees_both_domains_in_one_batch() -> None:
+    """In training mode the discriminator's BatchNorm must normalise source and target together: features
+    that differ only by a constant shift are told apart. Normalising each domain's batch on its own would
+    erase the shift after the first layer and pin the discriminator at chance (accuracy exactly 0.5)."""
+    model = tiny_dann(discriminator_hidden=16)
+    feats = torch.randn(16, WIDTH)
+    optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=0.02)
+    empty = torch.empty(0)
+    for _ in range(40):
+        loss, accuracy = model.domain_loss(feats, feats + 1.0, empty, empty, 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(accuracy) >= 0.9
+    assert float(loss.detach()) < 0.5
+
+
+def test_source_only_baseline_has_no_discriminator_and_ignores_the_target() -> None:
+    base = tiny_dann(adversarial=False)
+    assert base.discriminator is None
+    assert [g.name for g in base.parameter_groups()] == ["backbone", "head"]
+    data = domain_pairs(8)
+    other = domain_pairs(8, seed=5, shift=-3.0)
+    moved = [{"source": a["source"], "target": b["target"]} for a, b in zip(data, other)]
+    g1 = first_step_grads(copy.deepcopy(base), data, 1.0)
+    g2 = first_step_grads(copy.deepcopy(base), moved, 1.0)
+    assert set(g1) == set(g2) == {n for n, _ in base.named_parameters()}
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+    # control: with the discriminator the same change of target inputs changes the backbone's gradient
+    adversarial = tiny_dann(adversarial=True)
+    a1 = first_step_grads(copy.deepcopy(adversarial), data, 1.0)
+    a2 = first_step_grads(copy.deepcopy(adversarial), moved, 1.0)
+    assert not torch.allclose(a1["backbone.body.net.0.weight"], a2["backbone.body.net.0.weight"])
+
+
+def test_joint_batch_shares_batch_norm_statistics_between_the_domains() -> None:
+    """With a BatchNorm backbone ``joint_batch=True`` normalises source and target together (so even the
+    source-only baseline's gradient depends on the target batch); ``joint_batch=False`` keeps them apart."""
+    data = domain_pairs(8)
+    other = domain_pairs(8, seed=5, shift=-3.0)
+    moved = [{"source": a["source"], "target": b["target"]} for a, b in zip(data, other)]
+    separate = tiny_dann(batch_norm=True, adversarial=False, joint_batch=False)
+    s1, s2 = (first_step_grads(copy.deepcopy(separate), d) for d in (data, moved))
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
+    joint = tiny_dann(batch_norm=True, adversarial=False, joint_batch=True)
+    j1, j2 = (first_step_grads(copy.deepcopy(joint), d) for d in (data, moved))
+    assert not torch.allclose(j1["backbone.body.net.0.weight"], j2["backbone.body.net.0.weight"])
+
+
+def test_joint_and_separate_batches_give_the_same_features_without_batch_norm() -> None:
+    joint = tiny_dann(joint_batch=True)
+    separate = tiny_dann(joint_batch=False)
+    separate.load_state_dict(joint.state_dict())
+    calls: list[int] = []
+    for model in (joint, separate):
+        model.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+        model.eval()
+    x_s, x_t = torch.randn(5, IN_FEATURES), torch.randn(3, IN_FEATURES) + 2
+    with torch.no_grad():
+        fj = joint._domain_features(x_s, x_t)
+        assert calls == [8]  # one pass over both domains
+        fs = separate._domain_features(x_s, x_t)
+        assert calls == [8, 5, 3]
+        expected = (joint.features(x_s), joint.features(x_t))
+    for a, b, c in zip(fj, fs, expected):
+        assert a.shape == c.shape
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+
+    # control: a BatchNorm backbone in training mode gives other features when the domains share a batch
+    bn_joint, bn_separate = tiny_dann(batch_norm=True), tiny_dann(batch_norm=True, joint_batch=False)
+    bn_separate.load_state_dict(bn_joint.state_dict())
+    assert not torch.allclose(bn_joint._domain_features(x_s, x_t)[0], bn_separate._domain_features(x_s, x_t)[0])
+
+
+class LinearLogit(nn.Module):
+    """A stand-in discriminator with known logits: ``x @ v``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.v
+
+
+def test_cdan_conditions_the_discriminator_on_predictions_and_weighs_confident_samples() -> None:
+    model = tiny_dann(method="cdan")
+    assert model.discriminator.net[0].in_features == WIDTH * NUM_CLASSES
+    model.discriminator = LinearLogit(WIDTH * NUM_CLASSES)
+    feats_s, feats_t = torch.randn(4, WIDTH), torch.randn(6, WIDTH)
+    logits_s = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, -4.0, 4.0]], requires_grad=True)
+    logits_t = torch.randn(6, NUM_CLASSES) * 2
+
+    def expected(entropy_conditioning: bool) -> Tensor:
+        total = torch.zeros(())
+        for feats, logits, sign in ((feats_s, logits_s, 1.0), (feats_t, logits_t, -1.0)):
+            probs = logits.detach().softmax(-1)
+            conditioned = (probs[:, :, None] * feats[:, None, :]).flatten(1)  # f ⊗ p
+            d = conditioned @ model.discriminator.v.detach()
+            bce = F.softplus(-sign * d)  # source label 1, target label 0
+            if entropy_conditioning:
+                h = -(probs * probs.log()).sum(-1)
+                w = 1 + torch.exp(-h)
+                total = total + (bce * w / w.sum()).sum()
+            else:
+                total = total + bce.mean()
+        return 0.5 * total
+
+    loss, _ = model.domain_loss(feats_s, feats_t, logits_s, logits_t, 1.0)
+    torch.testing.assert_close(loss, expected(True))
+    # the predictions condition the discriminator but get no gradient from it
+    assert torch.autograd.grad(loss, logits_s, allow_unused=True)[0] is None
+    model.hparams.entropy_conditioning = False
+    loss, _ = model.domain_loss(feats_s, feats_t, logits_s, logits_t, 1.0)
+    torch.testing.assert_close(loss, expected(False))
+
+    # CDAN+E's weights sum to one per domain: a constant logit gives the unweighted loss at any batch sizes
+    model.hparams.entropy_conditioning = True
+    model.discriminator = nn.Sequential(LinearLogit(WIDTH * NUM_CLASSES))
+    with torch.no_grad():
+        model.discriminator[0].v.zero_()
+    loss, _ = model.domain_loss(feats_s, feats_t, logits_s, logits_t, 1.0)
+    assert float(loss.detach()) == pytest.approx(math.log(2.0))
+
+
+def test_cdan_trains_end_to_end() -> None:
+    model = tiny_dann(method="cdan")
+    losses: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = make_trainer(max_steps=3, callbacks=[Losses()])
+    trainer.fit(model, DataLoader(domain_pairs(12), batch_size=4))
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert {"train/domain/loss", "train/domain/acc", "train/lambda"} <= set(trainer.callback_metrics)
+
+
+class ScheduleRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.rates: list[dict[str, float]] = []
+        self.logged: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append(trainer.global_step)
+        self.rates.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        self.logged.append({k: float(metrics[k]) for k in ("train/lambda", "lr/head", "lr/backbone")})
+
+
+def test_lambda_and_learning_rate_follow_training_progress() -> None:
+    model = tiny_dann(lr=0.2, backbone_lr_ratio=0.5, lambda_max=0.8, gamma=5.0)
+    recorder = ScheduleRecorder()
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder])
+    trainer.fit(model, DataLoader(domain_pairs(16), batch_size=4, shuffle=True))
+    total = 8  # 2 epochs of 4 steps
+    assert recorder.steps == list(range(total))
+    for step, rates, logged in zip(recorder.steps, recorder.rates, recorder.logged):
+        progress = step / total
+        assert logged["train/lambda"] == pytest.approx(dann_lambda(progress, 0.8, 5.0))
+        factor = dann_lr_factor(progress)
+        assert rates["head"] == pytest.approx(0.2 * factor) == logged["lr/head"]
+        assert rates["discriminator"] == pytest.approx(0.2 * factor)
+        assert rates["backbone"] == pytest.approx(0.1 * factor) == logged["lr/backbone"]
+    lambdas = [r["train/lambda"] for r in recorder.logged]
+    assert lambdas[0] == 0.0 and all(b > a for a, b in zip(lambdas, lambdas[1:]))
+
+
+def test_training_needs_a_source_and_target_batch() -> None:
+    model = tiny_dann()
+    plain = [{"inputs": torch.randn(IN_FEATURES), "labels": 0} for _ in range(4)]
+    with pytest.raises(ValueError, match="DomainAdaptationDataModule"):
+        make_trainer(max_steps=1).fit(model, DataLoader(plain, batch_size=2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"method": "mmd"}, "unknown method 'mmd'"), ({"lr": 0.0}, "lr must be positive"), ({"lambda_max": -1.0}, ">= 0")],
+)
+def test_invalid_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_dann(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the digits → digits-on-photos pair: logging, projector, checkpoints, mixed precision
+# ---------------------------------------------------------------------------------------------
+PROJECTION_SAMPLES = 40
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """20 steps of DANN (lenet) on the embedded pair, validated twice on 2 batches per domain, with TensorBoard."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("dann_digits")
+    data = DigitsDomainDataModule(batch_size=32)
+    model = DANNModule(
+        "builtin:lenet",
+        lr=0.01,
+        optimizer="sgd",
+        momentum=0.9,
+        lr_schedule="dann",
+        projection_samples=PROJECTION_SAMPLES,
+    )
+    logger = TensorBoardLogger(tmp, name="dann")
+    trainer = make_trainer(logger=logger, max_steps=20, limit_val_batches=2, val_check_interval=10, log_every_n_steps=5)
+    trainer.fit(model, datamodule=data)
+    path = tmp / "dann.ckpt"
+    trainer.save_checkpoint(path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    torch.set_num_threads(threads)
+    return {"model": model, "data": data, "log_dir": Path(logger.log_dir), "ckpt": path, "metrics": metrics}
+
+
+def test_digits_fit_logs_both_domains_and_the_label_free_signals(digits_run: dict[str, Any]) -> None:
+    metrics = digits_run["metrics"]
+    for key in (
+        "val/source/acc",
+        "val/source/f1_macro",
+        "val/target/acc",
+        "val/target/entropy",
+        "val/target/diversity",
+        "val/target/im_score",
+        "hp_metric",
+        "train/source/loss_epoch",
+        "train/domain/loss_step",
+        "train/domain/acc",
+        "train/lambda",
+        "lr/discriminator",
+    ):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["hp_metric"] == metrics["val/target/acc"]
+    assert metrics["val/target/im_score"] == pytest.approx(
+        metrics["val/target/diversity"] - metrics["val/target/entropy"], abs=1e-5
+    )
+    assert 0 <= metrics["val/target/entropy"] <= math.log(10) + 1e-5
+    assert 0 <= metrics["val/target/diversity"] <= math.log(10) + 1e-5
+    assert metrics["val/source/acc"] > 0.2  # ten classes, 20 steps: above chance on the source
+    model = digits_run["model"]
+    assert model.num_classes == 10 and model.class_names == [str(d) for d in range(10)]
+    assert model.discriminator.net[0].in_features == model.feature_width
+
+
+def test_digits_fit_writes_projection_confusion_matrix_and_projector(digits_run: dict[str, Any]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = digits_run["log_dir"]
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    images = set(events.Tags()["images"])
+    assert {"val/feature_projection", "val/target/confusion_matrix"} <= images
+    assert [e.step for e in events.Images("val/feature_projection")] == [10, 20]
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/target/acc", "val/target/im_score", "train/lambda", "lr/backbone", "hp_metric"} <= scalars
+
+    assert (log_dir / "projector_config.pbtxt").is_file()
+    metadata = sorted(log_dir.rglob("metadata.tsv"))
+    assert len(metadata) == 2  # one embedding per validation
+    rows = [line.split("\t") for line in metadata[-1].read_text().splitlines()]
+    assert rows[0] == ["domain", "label"]
+    body = rows[1:]
+    # at most projection_samples per domain, source first, labelled by class name
+    assert [d for d, _ in body] == ["source"] * PROJECTION_SAMPLES + ["target"] * PROJECTION_SAMPLES
+    assert {label for _, label in body} <= {str(d) for d in range(10)}
+    data = digits_run["data"]
+    val = data.target.datasets["val"]
+    expected_target = [str(val.dataset[i]["labels"]) for i in val.indices[:PROJECTION_SAMPLES]]
+    assert [label for d, label in body if d == "target"] == expected_target
+    tensors = (metadata[-1].parent / "tensors.tsv").read_text().splitlines()
+    assert len(tensors) == len(body) and len(tensors[0].split("\t")) == digits_run["model"].feature_width
+
+
+def test_digits_checkpoint_round_trips(digits_run: dict[str, Any]) -> None:
+    model, path = digits_run["model"], digits_run["ckpt"]
+    meta = torch.load(path, weights_only=True)["tlmodules"]
+    assert meta["module"] == "DANNModule"
+    assert meta["backbone"]["spec"] == "builtin:lenet"
+    assert meta["num_classes"] == 10 and meta["class_names"] == [str(d) for d in range(10)]
+
+    torch.manual_seed(99)  # a different random initialisation, which loading must overwrite
+    loaded = DANNModule.load_from_checkpoint(path)
+    assert loaded.discriminator is not None and loaded.hparams.method == "dann"
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    batch = next(iter(digits_run["data"].target.val_dataloader()))
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch["inputs"]), loaded(batch["inputs"]))
+
+
+@pytest.mark.parametrize("method", ["dann", "cdan"])
+def test_bf16_mixed_runs_with_finite_losses(method: str) -> None:
+    torch.manual_seed(0)
+    data = DigitsDomainDataModule(batch_size=16)
+    model = DANNModule("builtin:lenet", num_classes=10, method=method, discriminator_hidden=64, projection_samples=0)
+    dtypes: list[torch.dtype] = []
+    model.discriminator.net[0].register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = make_trainer(
+        max_steps=3, limit_val_batches=1, val_check_interval=3, precision="bf16-mixed", callbacks=[Record()]
+    )
+    trainer.fit(model, datamodule=data)
+    assert set(dtypes) == {torch.bfloat16}  # autocast really ran
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    metrics = trainer.callback_metrics
+    for key in ("train/domain/loss_step", "train/source/loss_step", "val/target/entropy", "val/source/acc"):
+        assert math.isfinite(float(metrics[key])), key
+    assert all(p.dtype == torch.float32 for p in model.parameters())
