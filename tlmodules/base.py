@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from tlmodules.backbones import Backbone, build_backbone
 from tlmodules.schedules import lr_shape
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -73,6 +74,20 @@ class TransferModule(pl.LightningModule):
     ``lr_schedule`` and ``warmup_fraction`` (via ``save_hyperparameters``) and implement
     :meth:`parameter_groups`; they may override :meth:`dynamic_lr_factor` for phase-dependent rates.
     """
+
+    # -- backbone -------------------------------------------------------------------------------
+    def backbone_from_hparams(self, backbone: str | nn.Module) -> Backbone:
+        """Resolve the backbone from the module's saved arguments (``weights``, ``pooling``,
+        ``trust_remote_code``, ``num_features``, ``pretrained``): one seam for every technique."""
+        hp = self.hparams
+        return build_backbone(
+            backbone,
+            weights=hp.get("weights", "DEFAULT"),
+            pooling=hp.get("pooling", "mean"),
+            trust_remote_code=hp.get("trust_remote_code", False),
+            num_features=hp.get("num_features"),
+            pretrained=hp.get("pretrained", True),
+        )
 
     # -- optimisation ---------------------------------------------------------------------------
     def parameter_groups(self) -> list[ParamGroup]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from tlmodules.backbones import Backbone, build_backbone, origin_dict
+from tlmodules.backbones import Backbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, classification_metrics, unpack_batch
 from tlmodules.grl import grad_reverse
 from tlmodules.heads import ClassificationHead, DomainDiscriminator
@@ -83,14 +83,7 @@ class DANNModule(TransferModule):
             raise ValueError(f"unknown method {method!r}; choose dann or cdan")
         if lr <= 0 or lambda_max < 0:
             raise ValueError(f"lr must be positive and lambda_max >= 0, got {lr} and {lambda_max}")
-        self.backbone: Backbone = build_backbone(
-            backbone,
-            weights=weights,
-            pooling=pooling,
-            trust_remote_code=trust_remote_code,
-            num_features=num_features,
-            pretrained=pretrained,
-        )
+        self.backbone: Backbone = self.backbone_from_hparams(backbone)
         width = self.backbone.num_features
         if bottleneck > 0:
             self.bottleneck: nn.Module = nn.Sequential(

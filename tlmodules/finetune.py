@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
+from tlmodules.backbones import Backbone, TransformerBackbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.freezing import LateParameterSync, eval_frozen_submodules
 from tlmodules.heads import ClassificationHead
@@ -84,14 +84,7 @@ class FineTuneModule(TransferModule):
             raise ValueError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
         if lr <= 0 or backbone_lr_ratio < 0:
             raise ValueError(f"lr must be positive and backbone_lr_ratio >= 0, got {lr} and {backbone_lr_ratio}")
-        self.backbone: Backbone = build_backbone(
-            backbone,
-            weights=weights,
-            pooling=pooling,
-            trust_remote_code=trust_remote_code,
-            num_features=num_features,
-            pretrained=pretrained,
-        )
+        self.backbone: Backbone = self.backbone_from_hparams(backbone)
         if lora_rank > 0:
             if not isinstance(self.backbone, TransformerBackbone):
                 raise ValueError("LoRA (lora_rank > 0) is offered for transformer backbones (hf:/pkg: specs)")

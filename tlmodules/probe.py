@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
+from tlmodules.backbones import Backbone, TransformerBackbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.entities import EntityF1
 from tlmodules.estimators import (
@@ -100,14 +100,7 @@ class FeatureProbeModule(TransferModule):
             raise ValueError(f"unknown level {level!r}; choose sequence or token")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        self.backbone: Backbone = build_backbone(
-            backbone,
-            weights=weights,
-            pooling=pooling,
-            trust_remote_code=trust_remote_code,
-            num_features=num_features,
-            pretrained=pretrained,
-        )
+        self.backbone: Backbone = self.backbone_from_hparams(backbone)
         if level == "token" and not isinstance(self.backbone, TransformerBackbone):
             raise ValueError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
         self.backbone.requires_grad_(False)
