@@ -264,16 +264,14 @@ class FeatureProbeModule(TransferModule):
     def fit_estimator_on_cache(self) -> None:
         """Fit the scikit-learn estimator on every cached training feature (all processes' shards)."""
         merge_across_processes(self.labels_seen.setdefault("train", {}))
-        indices, feats = self.cache.items("train")
         labels = self.labels_seen["train"]
-        indices = [i for i in indices if i in labels]
-        table = dict(zip(*self.cache.items("train")))
+        pairs = [(f, labels[i]) for i, f in zip(*self.cache.items("train")) if i in labels]
         if self.hparams.level == "token":
-            x = torch.cat([table[i] for i in indices])
-            y = torch.cat([labels[i] for i in indices])
+            x = torch.cat([f for f, _ in pairs])
+            y = torch.cat([y for _, y in pairs])
         else:
-            x = torch.stack([table[i] for i in indices])
-            y = torch.stack([labels[i] for i in indices]).view(-1)
+            x = torch.stack([f for f, _ in pairs])
+            y = torch.stack([y for _, y in pairs]).view(-1)
         start = time.perf_counter()
         estimator = fit_estimator(
             make_estimator(self.hparams.classifier, self.hparams.classifier_args, self.hparams.seed), self.prepare(x), y
