@@ -125,6 +125,7 @@ class InMemoryImageDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.class_names = list(class_names)
+        self.transform = transform
         dataset = PreparedImages(ImageSamples(images, labels, transform))
         train, val = seeded_split(labels, val_fraction, seed)
         self.datasets = {"train": Subset(dataset, train), "val": Subset(dataset, val), "test": Subset(dataset, val)}

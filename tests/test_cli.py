@@ -72,6 +72,11 @@ def backbone_of(recipe: dict[str, Any]) -> tuple[str, str]:
     return init.get("backbone", "builtin:lenet"), init.get("weights", "DEFAULT")
 
 
+def monitored(recipe: dict[str, Any]) -> str:
+    """The metric a recipe's best checkpoint is chosen by (``val/acc`` by the CLI's default)."""
+    return (recipe.get("checkpoint") or {}).get("monitor", "val/acc")
+
+
 def run_name(recipe: dict[str, Any]) -> str:
     """The TensorBoard run name a recipe logs under (``tlmodules`` by the CLI's default)."""
     logger = (recipe.get("trainer") or {}).get("logger") or {}
@@ -157,8 +162,14 @@ def conll_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCa
     return DataCase(args, num_classes=3, max_length=16)  # O, B-NEG, B-POS
 
 
+def digits_domain_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
+    # embedded data, used as it is; validate after the one tiny epoch (the recipe validates every 10)
+    return DataCase(["--trainer.check_val_every_n_epoch", "1"], num_classes=10)
+
+
 DATA_CASES: dict[str, Callable[[dict[str, Any], pytest.FixtureRequest], DataCase]] = {
     "SklearnDigitsDataModule": digits_case,
+    "DigitsDomainDataModule": digits_domain_case,
     "ImageFolderDataModule": image_folder_case,
     "TextClassificationDataModule": text_case,
     "ConllDataModule": conll_case,
@@ -241,6 +252,8 @@ def check_preprocessing_matches_backbone(cli: Any, recipe: dict[str, Any], case:
     spec, weights = backbone_of(recipe)
     expected = resolve_preprocessing(spec, weights)
     datamodule = cli.datamodule
+    if hasattr(datamodule, "source"):  # a domain pair: both sides follow the backbone; check the source's
+        datamodule = datamodule.source
     batch = next(iter(datamodule.val_dataloader()))
     if expected.kind == "text":
         assert datamodule.tokenizer_source == expected.tokenizer
@@ -296,7 +309,7 @@ def test_recipe_fits_on_tiny_data(recipe_path: Path, tmp_path: Path, request: py
 
     last = checkpoints / "last.ckpt"
     assert last.is_file()
-    assert list(checkpoints.glob("best-*.ckpt")), "no best-by-val/acc checkpoint"
+    assert list(checkpoints.glob("best-*.ckpt")), f"no best-by-{monitored(recipe)} checkpoint"
     meta = torch.load(last, map_location="cpu", weights_only=False)["tlmodules"]
     assert meta["backbone"]["spec"] == spec
     if spec.startswith("torchvision:"):
@@ -306,7 +319,11 @@ def test_recipe_fits_on_tiny_data(recipe_path: Path, tmp_path: Path, request: py
 
     assert list((runs / run_name(recipe)).rglob("events.out.tfevents.*")), "no TensorBoard event file"
     scalars = event_scalars(runs / run_name(recipe))
-    assert "val/acc" in scalars
+    assert monitored(recipe) in scalars
+    if recipe["model"]["class_path"].endswith("DANNModule"):
+        assert {"val/source/acc", "val/target/acc", "val/target/im_score", "train/domain/acc"} <= scalars
+    else:
+        assert "val/acc" in scalars
     if model_args(recipe).get("level") == "token":
         assert {"val/entity_f1", "val/entity_precision", "val/entity_recall"} <= scalars
 
@@ -338,7 +355,7 @@ def test_print_config_shows_model_backbone_and_strategy(
         for key, value in model_args(recipe).items():
             assert init[key] == value
     assert printed["data"]["class_path"] == recipe["data"]["class_path"]
-    assert printed["checkpoint"]["monitor"] == "val/acc" and printed["checkpoint"]["save_last"] is True
+    assert printed["checkpoint"]["monitor"] == monitored(recipe) and printed["checkpoint"]["save_last"] is True
     assert "output_path" in printed["predictions"]
     assert "optimizer" not in printed and "lr_scheduler" not in printed  # the module builds its own
 

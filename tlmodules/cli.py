@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from tlmodules.backbones import BackboneError, resolve_preprocessing
 from tlmodules.predictions import PredictionWriter
+from tlmodules.summary import RunSummary
 
 
 def spec_or_none(backbone: Any) -> str | None:
@@ -54,6 +55,7 @@ class TransferCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunSummary, "summary")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",

@@ -45,6 +45,10 @@ class DANNModule(TransferModule):
         joint_batch: source and target go through the backbone as one batch (shared BatchNorm
             statistics); ``False`` runs them separately (per-domain batch statistics).
         backbone_lr_ratio: the backbone's learning rate relative to the new layers'.
+        target_statistics: with ``adversarial=False``, still pass each target batch through the network
+            (no loss on it) so that BatchNorm statistics cover both domains exactly as in the adversarial
+            runs: the source-only baseline then differs from DANN by the adversarial loss alone. ``False``
+            trains on source batches only (about half the cost per step).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class DANNModule(TransferModule):
         num_features: int | None = None,
         pretrained: bool = True,
         projection_samples: int = 500,
+        target_statistics: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -119,6 +124,15 @@ class DANNModule(TransferModule):
 
     def setup(self, stage: str) -> None:
         self.setup_labels(stage)
+
+    def describe(self) -> dict[str, str]:
+        """The method in one word, for run summaries: ``source-only``, ``dann``, ``cdan`` or ``cdan+e``."""
+        hp = self.hparams
+        if not hp.adversarial:
+            return {"method": "source-only"}
+        if hp.method == "cdan":
+            return {"method": "cdan+e" if hp.entropy_conditioning else "cdan"}
+        return {"method": "dann"}
 
     # -- forward ----------------------------------------------------------------------------------
     def features(self, inputs: Any) -> Tensor:
@@ -197,7 +211,10 @@ class DANNModule(TransferModule):
             )
         inputs_s, labels_s = unpack_batch(batch["source"])
         inputs_t, _ = unpack_batch(batch["target"])
-        feats_s, feats_t = self._domain_features(inputs_s, inputs_t)
+        if self.discriminator is not None or self.hparams.target_statistics:
+            feats_s, feats_t = self._domain_features(inputs_s, inputs_t)
+        else:  # source-only without target statistics: the target batch plays no part at all
+            feats_s, feats_t = self.features(inputs_s), None
         logits_s = self.head(feats_s)
         loss = self.classification_loss(logits_s, labels_s)
         batch_size = len(labels_s)

@@ -1,0 +1,245 @@
+"""USPS→MNIST and MNIST→USPS unsupervised domain adaptation with DANNModule (LeNet from random init).
+
+Protocol (issue 4): images from ``../shared/data/digits`` resized to 28×28;
+MNIST→USPS: source = all 10,000 MNIST images, target training = USPS train (labels unused),
+evaluation = USPS test. USPS→MNIST: source = USPS train; MNIST permuted with
+``torch.Generator().manual_seed(0)``, first 5,000 = target training (labels unused), last 5,000 =
+evaluation. Methods: source-only (``adversarial=False``, same pipeline), DANN, CDAN+E and the
+train-on-target oracle; seeds 0–2; target accuracy after the last step (no checkpoint selection, so
+no target label is looked at before the final evaluation).
+
+    python bench/dann_digits.py                       # the full table (24 runs)
+    python bench/dann_digits.py --pairs usps2mnist --methods dann --seeds 0 --steps 1000
+
+Writes ``bench/results/dann_digits.json`` (``results[pair][method] = {mean, std, runs, seconds}``)
+and ``bench/results/dann_digits.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import Dataset, Subset  # noqa: E402
+
+from bench.common import RESULTS, SHARED  # noqa: E402
+from datamodules import DomainAdaptationDataModule  # noqa: E402
+from datamodules.base import ClassificationDataModule  # noqa: E402
+from datamodules.builtin import PreparedImages  # noqa: E402
+from datamodules.images import ImageSamples, build_image_transform, list_images  # noqa: E402
+from tlmodules import DANNModule  # noqa: E402
+from tlmodules.backbones import resolve_preprocessing  # noqa: E402
+
+DIGITS = SHARED / "digits"
+PAIRS = ("mnist2usps", "usps2mnist")
+METHODS = ("source_only", "dann", "cdan", "oracle")
+# the reference figures quoted in issue 4 (plain PyTorch, same protocol, 5,000 steps; CDAN seed 0 only)
+REFERENCE = {
+    "mnist2usps": {"source_only": 79.0, "dann": 87.1, "cdan": 90.0, "oracle": 96.2},
+    "usps2mnist": {"source_only": 63.5, "dann": 92.9, "cdan": 94.8, "oracle": 98.6},
+}
+PUBLISHED = {  # Transfer-Learning-Library, all 60,000 MNIST training images
+    "mnist2usps": {"source_only": 82.1, "dann": 91.7, "cdan": 96.0},
+    "usps2mnist": {"source_only": 74.6, "dann": 95.2, "cdan": 97.7},
+}
+
+
+def read_folder(folder: Path) -> tuple[list[Image.Image], list[int]]:
+    """Every image of ``<folder>/<digit>/*.png`` decoded once, with its digit label."""
+    images, labels = [], []
+    for path in list_images(folder):
+        with Image.open(path) as handle:
+            images.append(handle.copy())
+        labels.append(int(path.parent.name))
+    return images, labels
+
+
+class Splits(ClassificationDataModule):
+    """Fixed, already prepared splits (the protocol dictates them; nothing is split at random here)."""
+
+    def __init__(self, datasets: dict[str, Dataset], batch_size: int) -> None:
+        super().__init__(batch_size, 0, 0.0, 0)
+        self.class_names = [str(d) for d in range(10)]
+        self.datasets = datasets
+
+    def setup(self, stage: str | None = None) -> None:
+        return None
+
+
+class Domains:
+    """The three image sets of the protocol, each transformed once to ``(3, 28, 28)`` tensors."""
+
+    def __init__(self, root: Path = DIGITS) -> None:
+        transform = build_image_transform(resolve_preprocessing("builtin:lenet", None), image_size=28)
+        mnist = PreparedImages(ImageSamples(*read_folder(root / "mnist_t10k"), transform))
+        self.mnist = mnist
+        self.usps_train = PreparedImages(ImageSamples(*read_folder(root / "usps" / "train"), transform))
+        self.usps_test = PreparedImages(ImageSamples(*read_folder(root / "usps" / "test"), transform))
+        order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(0)).tolist()
+        self.mnist_adapt, self.mnist_eval = Subset(mnist, order[:5000]), Subset(mnist, order[5000:])
+
+    def pair(self, pair: str, method: str, batch_size: int) -> DomainAdaptationDataModule:
+        """Source (labelled) and target (training split unlabelled to the model, evaluation split labelled)."""
+        if pair == "mnist2usps":
+            source, target_train, target_eval = self.mnist, self.usps_train, self.usps_test
+        else:
+            source, target_train, target_eval = self.usps_train, self.mnist_adapt, self.mnist_eval
+        if method == "oracle":  # train on the target's own labels: the ceiling
+            source = target_train
+        source_data = Splits({"train": source}, batch_size)
+        target_data = Splits({"train": target_train, "val": target_eval, "test": target_eval}, batch_size)
+        return DomainAdaptationDataModule(source_data, target_data)
+
+
+def method_arguments(method: str) -> dict:
+    if method == "source_only":  # target images pass through (BatchNorm statistics) but carry no loss
+        return {"adversarial": False, "target_statistics": True}
+    if method == "oracle":  # trained on the labelled target training split itself
+        return {"adversarial": False, "target_statistics": False}
+    return {"adversarial": True, "method": "cdan" if method == "cdan" else "dann"}
+
+
+def run_once(
+    domains: Domains, pair: str, method: str, seed: int, steps: int, recipe: dict, accelerator: str = "cpu"
+) -> dict:
+    pl.seed_everything(seed, workers=True)
+    data = domains.pair(pair, method, recipe.get("batch_size", 64))
+    arguments = {k: v for k, v in recipe.items() if k != "batch_size"}
+    model = DANNModule(
+        backbone="builtin:lenet", num_classes=10, projection_samples=0, **arguments, **method_arguments(method)
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    seconds = time.perf_counter() - start
+    metrics = trainer.test(model, data, verbose=False)
+    flat = {k: float(v) for d in metrics for k, v in d.items()}
+    return {
+        "seed": seed,
+        "target_acc": 100 * flat["test/target/acc"],
+        "im_score": flat.get("test/target/im_score"),
+        "seconds": seconds,
+        "ms_per_step": 1000 * seconds / steps,
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    accs = [r["target_acc"] for r in runs]
+    return {
+        "mean": statistics.fmean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "runs": runs,
+        "seconds": statistics.fmean(r["seconds"] for r in runs),
+        "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
+    }
+
+
+def markdown(results: dict, steps: int, threads: int) -> str:
+    lines = [
+        f"LeNet from random init, {steps} steps of 64 source + 64 target images, torch threads = {threads}.",
+        "Target accuracy (%) mean ± std over seeds; reference = plain-PyTorch figures of issue 4; published = "
+        "Transfer-Learning-Library (60k MNIST).",
+        "",
+        "| pair | method | target acc | runs | s/run | ms/step | reference | published |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pair, methods in results.items():
+        for method, r in methods.items():
+            runs = " ".join(f"{x['target_acc']:.1f}" for x in r["runs"])
+            lines.append(
+                f"| {pair} | {method} | {r['mean']:.1f} ± {r['std']:.1f} | {runs} | {r['seconds']:.0f} | "
+                f"{r['ms_per_step']:.0f} | {REFERENCE[pair].get(method, '—')} | {PUBLISHED[pair].get(method, '—')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=PAIRS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recipe", default="{}", help="JSON of DANNModule arguments (and batch_size) to override")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--digits", default=str(DIGITS), help="the digits folder (usps/, mnist_t10k/)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier invocation")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the JSON and table from the runs")
+    parser.add_argument("--output", default=str(RESULTS / "dann_digits.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = {"batch_size": 64, **RECIPE, **json.loads(args.recipe)}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runs_file = output.with_suffix(".runs.jsonl")  # each finished run at once; --resume skips those
+    done = (
+        [json.loads(line) for line in runs_file.read_text().splitlines()] if args.resume and runs_file.exists() else []
+    )
+    if not args.report_only:
+        domains = Domains(Path(args.digits))
+        with runs_file.open("a" if args.resume else "w") as log:
+            for seed in args.seeds:  # seed-major: an interrupted table still has every method of the first seeds
+                for pair in args.pairs:
+                    for method in args.methods:
+                        if any((r["pair"], r["method"], r["seed"]) == (pair, method, seed) for r in done):
+                            continue
+                        run = {
+                            "pair": pair,
+                            "method": method,
+                            **run_once(domains, pair, method, seed, args.steps, recipe, args.accelerator),
+                        }
+                        print(
+                            f"{pair} {method} seed {seed}: {run['target_acc']:.2f}% in {run['seconds']:.0f} s",
+                            flush=True,
+                        )
+                        log.write(json.dumps(run) + "\n")
+                        log.flush()
+                        done.append(run)
+    results: dict = {}
+    for pair in PAIRS:
+        for method in METHODS:
+            runs = sorted((r for r in done if (r["pair"], r["method"]) == (pair, method)), key=lambda r: r["seed"])
+            if runs:
+                results.setdefault(pair, {})[method] = summarise(runs)
+    meta = {
+        "steps": args.steps,
+        "threads": args.threads,
+        "recipe": recipe,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    output.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    table = markdown(results, args.steps, args.threads)
+    output.with_suffix(".md").write_text(table)
+    print(table)
+
+
+# the recipe, the same for both pairs (see the README's DANN section for how it was chosen)
+# chosen by bench/dann_sweep.py on the label-free target score: a 256-wide bottleneck (Linear → BatchNorm →
+# ReLU) between the LeNet features and both the classifier and the discriminator
+RECIPE: dict = {"bottleneck": 256}
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""A closing summary of each run: its final validation metrics next to those of the earlier runs it compares with."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+SUMMARY_FILE = "summary.json"
+
+
+class RunSummary(pl.Callback):
+    """At the end of ``fit``, write ``summary.json`` (chosen hyperparameters and final ``val/…`` metrics) into
+    the run's log folder and print a table of this run and its sibling runs (the other versions under the
+    same logger name), so that e.g. a source-only and a DANN run of one recipe are compared at a glance.
+
+    Args:
+        hparams: hyperparameters shown as columns (those the model has), after what the module's own
+            ``describe()`` returns, if it has one (DANNModule: ``{"method": "source-only" | "dann" | "cdan+e"}``).
+        metrics: metric names shown as columns, in order; ``None``: every ``val/…`` scalar but the
+            per-group learning rates.
+        compare: also list the sibling runs.
+    """
+
+    def __init__(
+        self,
+        hparams: list[str] | None = None,
+        metrics: list[str] | None = None,
+        compare: bool = True,
+    ) -> None:
+        self.hparams = hparams if hparams is not None else ["strategy", "classifier"]
+        self.metrics = metrics
+        self.compare = compare
+
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        hp = dict(pl_module.hparams)
+        describe = getattr(pl_module, "describe", None)
+        described = describe() if callable(describe) else {}
+        metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith("val/") and getattr(value, "numel", lambda: 1)() == 1
+        }
+        if self.metrics is not None:
+            metrics = {name: metrics[name] for name in self.metrics if name in metrics}
+        return {
+            "module": type(pl_module).__name__,
+            "hparams": {
+                **described,
+                **{name: hp[name] for name in self.hparams if name in hp and name not in described},
+            },
+            "metrics": metrics,
+            "steps": trainer.global_step,
+        }
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        summary = self.summary(trainer, pl_module)
+        log_dir = Path(trainer.log_dir) if trainer.log_dir and trainer.logger is not None else None
+        rows = [(str(log_dir) if log_dir else "this run", summary)]
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            if self.compare:
+                rows = sibling_summaries(log_dir, summary["module"])
+        print(format_table(rows, current=str(log_dir) if log_dir else "this run"), flush=True)
+
+
+def sibling_summaries(log_dir: Path, module: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(folder, summary)`` of every run of the same module under ``log_dir``'s parent, oldest first."""
+    rows = []
+    for path in sorted(log_dir.parent.glob(f"*/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a run that died while writing its summary
+        if summary.get("module") == module:
+            rows.append((str(path.parent), summary))
+    return rows
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]], current: str) -> str:
+    """A plain-text table: one row per run, hyperparameter and metric columns; ``*`` marks the current run."""
+    hp_names = list(dict.fromkeys(name for _, s in rows for name in s["hparams"]))
+    metric_names = list(dict.fromkeys(name for _, s in rows for name in s["metrics"]))
+    header = ["run", *hp_names, "steps", *metric_names]
+    body = []
+    for folder, s in rows:
+        values = [s["metrics"].get(name) for name in metric_names]
+        body.append(
+            [
+                ("* " if folder == current else "  ") + folder,
+                *(str(s["hparams"].get(name, "")) for name in hp_names),
+                str(s.get("steps", "")),
+                *("" if v is None or math.isnan(v) else f"{v:.4f}" for v in values),
+            ]
+        )
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in [header, *body]]
+    return "\n".join(["", "Run summary (final validation metrics; * = this run):", *lines, ""])
