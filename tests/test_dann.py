@@ -449,6 +449,35 @@ def test_joint_batch_shares_batch_norm_statistics_between_the_domains() -> None:
     assert not torch.allclose(j1["backbone.body.net.0.weight"], j2["backbone.body.net.0.weight"])
 
 
+def test_source_only_target_statistics_decides_whether_the_target_batch_is_computed() -> None:
+    """``target_statistics=True``: the target batch goes through the network (joint BatchNorm statistics,
+    exactly as in the adversarial runs); ``False``: only the source batch is computed, and BatchNorm's
+    running statistics then come from the source alone."""
+    data = domain_pairs(8)
+    source = torch.stack([d["source"]["inputs"] for d in data])
+    both = torch.cat([source, torch.stack([d["target"]["inputs"] for d in data])])
+    base = tiny_dann(batch_norm=True, adversarial=False)
+    for keep, inputs in ((True, both), (False, source)):
+        model = copy.deepcopy(base)
+        model.hparams.target_statistics = keep
+        calls: list[int] = []
+        model.backbone.register_forward_hook(lambda m, args, out, calls=calls: calls.append(len(args[0])))
+        first_step_grads(model, data)
+        assert calls == [len(inputs)]
+        # after one step BatchNorm's running mean is 0.1 × the batch mean of the first layer's output
+        norm = next(m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm1d))
+        with torch.no_grad():
+            expected = 0.1 * base.backbone.body.net[0](inputs).mean(0)
+        torch.testing.assert_close(norm.running_mean, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_describe_names_the_method_for_run_summaries() -> None:
+    assert tiny_dann(adversarial=False).describe() == {"method": "source-only"}
+    assert tiny_dann().describe() == {"method": "dann"}
+    assert tiny_dann(method="cdan").describe() == {"method": "cdan+e"}
+    assert tiny_dann(method="cdan", entropy_conditioning=False).describe() == {"method": "cdan"}
+
+
 def test_joint_and_separate_batches_give_the_same_features_without_batch_norm() -> None:
     joint = tiny_dann(joint_batch=True)
     separate = tiny_dann(joint_batch=False)
