@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset, Subset  # noqa: E402
 
 from bench.common import RESULTS, SHARED  # noqa: E402
-from datamodules import DomainAdaptationDataModule  # noqa: E402
+from datamodules import DomainAdaptationDataModule, RandomAffineBatch  # noqa: E402
 from datamodules.base import ClassificationDataModule  # noqa: E402
 from datamodules.builtin import PreparedImages  # noqa: E402
 from datamodules.images import ImageSamples, build_image_transform, list_images  # noqa: E402
@@ -89,7 +89,9 @@ class Domains:
         order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(0)).tolist()
         self.mnist_adapt, self.mnist_eval = Subset(mnist, order[:5000]), Subset(mnist, order[5000:])
 
-    def pair(self, pair: str, method: str, batch_size: int) -> DomainAdaptationDataModule:
+    def pair(
+        self, pair: str, method: str, batch_size: int, augment: RandomAffineBatch | None = None
+    ) -> DomainAdaptationDataModule:
         """Source (labelled) and target (training split unlabelled to the model, evaluation split labelled)."""
         if pair == "mnist2usps":
             source, target_train, target_eval = self.mnist, self.usps_train, self.usps_test
@@ -99,6 +101,7 @@ class Domains:
             source = target_train
         source_data = Splits({"train": source}, batch_size)
         target_data = Splits({"train": target_train, "val": target_eval, "test": target_eval}, batch_size)
+        source_data.batch_augment = target_data.batch_augment = augment
         return DomainAdaptationDataModule(source_data, target_data)
 
 
@@ -114,8 +117,9 @@ def run_once(
     domains: Domains, pair: str, method: str, seed: int, steps: int, recipe: dict, accelerator: str = "cpu"
 ) -> dict:
     pl.seed_everything(seed, workers=True)
-    data = domains.pair(pair, method, recipe.get("batch_size", 64))
-    arguments = {k: v for k, v in recipe.items() if k != "batch_size"}
+    augment = RandomAffineBatch(**recipe["augment"]) if recipe.get("augment") else None
+    data = domains.pair(pair, method, recipe.get("batch_size", 64), augment)
+    arguments = {k: v for k, v in recipe.items() if k not in ("batch_size", "augment")}
     model = DANNModule(
         backbone="builtin:lenet", num_classes=10, projection_samples=0, **arguments, **method_arguments(method)
     )
@@ -181,7 +185,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--recipe", default="{}", help="JSON of DANNModule arguments (and batch_size) to override")
+    parser.add_argument(
+        "--recipe",
+        default="{}",
+        help='JSON of DANNModule arguments to override, plus "batch_size" and "augment" '
+        '(RandomAffineBatch arguments for training batches of both domains, e.g. {"augment": {"degrees": 10}})',
+    )
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--digits", default=str(DIGITS), help="the digits folder (usps/, mnist_t10k/)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier invocation")

@@ -1,5 +1,6 @@
 """LightningDataModules: images, text tables, CoNLL files, domain pairs, and data shipped with dependencies."""
 
+from datamodules.augment import RandomAffineBatch
 from datamodules.builtin import DigitsDomainDataModule, SklearnDigitsDataModule
 from datamodules.conll import ConllDataModule, align_word_labels
 from datamodules.domain import DomainAdaptationDataModule
@@ -8,6 +9,7 @@ from datamodules.tables import DataError
 from datamodules.text import TextClassificationDataModule
 
 __all__ = [
+    "RandomAffineBatch",
     "ConllDataModule",
     "DataError",
     "DigitsDomainDataModule",

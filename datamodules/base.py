@@ -110,6 +110,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self.datasets: dict[str, Dataset] = {}
         self.collate_fn: Callable | None = None
+        self.batch_augment: Callable[[Any], Any] | None = None  # applied to training batches on their device
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``batch_augment`` (e.g. :class:`datamodules.augment.RandomAffineBatch`) on the inputs of training
+        batches only, after they reached the device; validation, test and prediction batches pass unchanged."""
+        trainer = getattr(self, "trainer", None)
+        if self.batch_augment is None or trainer is None or not trainer.training or not isinstance(batch, dict):
+            return batch
+        return {**batch, "inputs": self.batch_augment(batch["inputs"])}
 
     @property
     def num_classes(self) -> int:

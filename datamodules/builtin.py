@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from datamodules.augment import RandomAffineBatch
 from datamodules.base import ClassificationDataModule, seeded_split
 from datamodules.domain import DomainAdaptationDataModule
 from datamodules.images import ImageSamples, build_image_transform
@@ -146,6 +147,8 @@ class DigitsDomainDataModule(DomainAdaptationDataModule):
     Args:
         target_fraction: share of the 1,797 digits that become the target domain.
         val_fraction: share of each domain held out for validation (and test).
+        batch_augment: a random transform of whole training batches of both domains (e.g.
+            :class:`datamodules.augment.RandomAffineBatch`); evaluation batches are never augmented.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class DigitsDomainDataModule(DomainAdaptationDataModule):
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int | None = 0,
+        batch_augment: RandomAffineBatch | None = None,
     ) -> None:
         if not 0.0 < target_fraction < 1.0:
             raise DataError(f"target_fraction must be in (0, 1), got {target_fraction}")
@@ -175,6 +179,7 @@ class DigitsDomainDataModule(DomainAdaptationDataModule):
         target = InMemoryImageDataModule(
             target_images, [labels[i] for i in target_idx], names, transform, name="digits-on-photos", **common
         )
+        source.batch_augment = target.batch_augment = batch_augment
         super().__init__(source, target)
-        self.save_hyperparameters(ignore=["backbone", "weights"])
+        self.save_hyperparameters(ignore=["backbone", "weights", "batch_augment"])
         self.backbone_spec, self.backbone_weights = backbone, weights

@@ -69,6 +69,17 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
             return None
         return getattr(side, f"{split}_dataloader")()
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Each side's own ``on_after_batch_transfer`` (e.g. its ``batch_augment``) on its half of a training
+        batch; evaluation batches (one domain's loader each) pass unchanged."""
+        if isinstance(batch, dict) and "source" in batch and "target" in batch:
+            return {
+                "source": self.source.on_after_batch_transfer(batch["source"], dataloader_idx),
+                "target": self.target.on_after_batch_transfer(batch["target"], dataloader_idx),
+                **{k: v for k, v in batch.items() if k not in ("source", "target")},
+            }
+        return batch
+
     def train_dataloader(self) -> CombinedLoader:
         return CombinedLoader(
             {"source": self.source.train_dataloader(), "target": self.target.train_dataloader()}, "max_size_cycle"

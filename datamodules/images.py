@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from datamodules.augment import RandomAffineBatch
 from datamodules.base import ClassificationDataModule, hash_json, seeded_split
 from datamodules.tables import DataError
 from tlmodules.backbones import Preprocessing, resolve_preprocessing
@@ -127,7 +128,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     Preprocessing comes from the backbone (``backbone``/``weights``, linked from the model in the
     CLI): channels, resize and crop, normalisation. ``image_size`` and ``in_channels`` override it.
     Every image is opened and checked once before training (``verify_images``), so a corrupt file
-    fails the run at the start, not hours in.
+    fails the run at the start, not hours in. ``batch_augment`` (a :class:`RandomAffineBatch`) transforms
+    whole training batches on their device, after the per-image ``augment``/``hflip``.
     """
 
     def __init__(
@@ -147,9 +149,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         verify_images: bool = True,
+        batch_augment: RandomAffineBatch | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.save_hyperparameters(ignore=["backbone", "weights", "batch_augment"])  # the model logs these
+        self.batch_augment = batch_augment
         self.backbone_spec, self.backbone_weights = backbone, weights
         if image_size is not None and image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
