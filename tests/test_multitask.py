@@ -1,0 +1,187 @@
+"""MultiTaskModule on tiny numeric data: partial labels, weighting strategies in the optimizer, per-task
+metrics and logging, epoch-level DWA updates, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from tlmodules.multitask import MultiTaskModule
+
+TASKS = [
+    {"name": "digit", "kind": "multiclass", "num_outputs": 3},
+    {"name": "load", "kind": "regression", "num_outputs": 1},
+    {"name": "flag", "kind": "binary", "num_outputs": 1},
+]
+IN_FEATURES = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def samples(n: int, seed: int = 0, missing: float = 0.0) -> list[dict[str, Any]]:
+    """Features ``(6,)``; digit = argmax of the first three, load = 2·x3 + x4, flag = x5 > 0; a ``missing``
+    share of each task's labels is absent (-100 / NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN_FEATURES, generator=g)
+    digit = x[:, :3].argmax(1)
+    load = 2 * x[:, 3] + x[:, 4]
+    flag = (x[:, 5] > 0).float()
+    drop = torch.rand(3, n, generator=g) < missing
+    digit[drop[0]] = -100
+    load[drop[1]] = math.nan
+    flag[drop[2]] = math.nan
+    return [
+        {"inputs": x[i], "labels": {"digit": digit[i], "load": load[i], "flag": flag[i]}, "index": i} for i in range(n)
+    ]
+
+
+def make_model(**kwargs: Any) -> MultiTaskModule:
+    settings = {"tasks": TASKS, "in_features": IN_FEATURES, "trunk_hidden": 16, "lr": 0.01, "weight_decay": 0.0}
+    return MultiTaskModule(**{**settings, **kwargs})
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def grads_of(model: MultiTaskModule, batch: dict[str, Any]) -> dict[str, Tensor]:
+    model.zero_grad()
+    model.trainer = None
+    outputs = model(batch["inputs"])
+    losses = {t["name"]: model.task_loss(t, outputs[t["name"]], batch["labels"][t["name"]]) for t in model.tasks}
+    total, _ = model.weighting(losses)
+    total = total + 0.0 * sum(o.sum() for o in outputs.values())
+    total.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(iter(DataLoader(items, batch_size=len(items))))
+
+
+def test_missing_labels_add_nothing_to_the_gradient() -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    batch = collate(samples(8))
+    batch["labels"]["load"][:3] = math.nan  # three samples lack the regression label
+    reference = grads_of(model, batch)
+    # the regression head's gradient depends only on the five labelled samples: drop the others entirely
+    labelled = {
+        k: v[3:] if k == "inputs" else {t: y[3:] for t, y in v.items()} for k, v in batch.items() if k != "index"
+    }
+    kept = grads_of(model, labelled)
+    torch.testing.assert_close(reference["heads.load.net.1.weight"], kept["heads.load.net.1.weight"])
+    assert all(torch.isfinite(g).all() for g in reference.values())
+
+
+def test_a_task_without_any_label_in_the_batch_gets_zero_gradient_and_no_nan() -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    batch = collate(samples(8))
+    batch["labels"]["digit"][:] = -100
+    grads = grads_of(model, batch)
+    assert torch.count_nonzero(grads["heads.digit.net.1.weight"]) == 0
+    assert torch.count_nonzero(grads["heads.load.net.1.weight"]) > 0
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_uncertainty_log_variances_are_optimised_and_receive_gradients() -> None:
+    torch.manual_seed(0)
+    model = make_model(weighting="uncertainty")
+    optimizer = model.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(model.weighting.log_vars) in in_optimizer
+    before = model.weighting.log_vars.detach().clone()
+    trainer(max_steps=5).fit(model, DataLoader(samples(40, missing=0.3), batch_size=8))
+    assert not torch.equal(model.weighting.log_vars.detach(), before)
+
+
+@pytest.mark.parametrize("weighting", ["equal", "static", "uncertainty", "dwa", "rlw"])
+def test_every_weighting_trains_all_tasks_and_logs_per_task_metrics(weighting: str, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    tasks = [dict(t, weight=2.0) if t["name"] == "load" else t for t in TASKS]
+    model = make_model(weighting=weighting, tasks=tasks, lr=0.03)
+    run = trainer(max_epochs=12, logger=TensorBoardLogger(tmp_path), log_every_n_steps=1)
+    train, val = samples(192, seed=1, missing=0.2), samples(96, seed=2)
+    run.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=48))
+    metrics = run.callback_metrics
+    for name in ("val/digit/acc", "val/digit/f1_macro", "val/flag/acc", "val/load/mae", "val/load/rmse", "val/load/r2"):
+        assert name in metrics, name
+    assert float(metrics["val/digit/acc"]) > 0.6 and float(metrics["val/flag/acc"]) > 0.75
+    assert float(metrics["val/load/r2"]) > 0.5
+    assert float(metrics["val/score"]) == pytest.approx(
+        (float(metrics["val/digit/acc"]) + float(metrics["val/flag/acc"]) + float(metrics["val/load/r2"])) / 3,
+        abs=1e-5,
+    )
+    assert {f"train/weight/{t['name']}" for t in TASKS} <= set(metrics)
+    if weighting == "static":
+        assert float(metrics["train/weight/load"]) == 2.0 and float(metrics["train/weight/digit"]) == 1.0
+
+
+def test_dwa_gets_each_epochs_mean_task_losses() -> None:
+    pl.seed_everything(0)
+    model = make_model(weighting="dwa")
+    seen: list[dict[str, float]] = []
+    original = model.weighting.end_epoch
+    model.weighting.end_epoch = lambda means: (seen.append(dict(means)), original(means))[1]
+    train = samples(64, seed=3, missing=0.25)
+    trainer(max_epochs=3).fit(model, DataLoader(train, batch_size=16))
+    assert len(seen) == 3 and all(set(m) == {"digit", "load", "flag"} for m in seen)
+    assert int(model.weighting.num_epochs) == 3
+    weights = model.weighting.weights()
+    assert sum(weights.values()) == pytest.approx(3.0) and len(set(weights.values())) == 3  # no longer all 1
+
+
+def test_checkpoint_round_trip_and_mismatched_tasks(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = make_model(weighting="uncertainty")
+    run = trainer(max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    run.fit(model, DataLoader(samples(32), batch_size=8))
+    path = tmp_path / "mt.ckpt"
+    run.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert [t["name"] for t in checkpoint["tlmodules"]["tasks"]] == ["digit", "load", "flag"]
+    restored = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    other = make_model(tasks=TASKS[:2])
+    with pytest.raises(ValueError, match="tasks"):
+        other.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tasks": []}, "tasks is empty"),
+        ({"tasks": [{"name": "a", "kind": "ordinal", "num_outputs": 3}]}, "kind"),
+        ({"tasks": [{"name": "a", "kind": "multiclass", "num_outputs": 1}]}, "num_outputs"),
+        ({"tasks": [TASKS[0], TASKS[0]]}, "unique"),
+        ({"in_features": None}, "in_features"),
+        ({"weighting": "gradnorm"}, "unknown loss weighting"),
+    ],
+)
+def test_invalid_configurations_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_model(**kwargs)

@@ -1,0 +1,299 @@
+"""Multi-task learning: one shared trunk, one head per task, losses combined by a weighting strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+
+from tlmodules.backbones import Backbone, origin_dict
+from tlmodules.base import OptimizerName, ParamGroup, TransferModule
+from tlmodules.heads import ClassificationHead
+from tlmodules.nets import MLPFeatures
+from tlmodules.schedules import LRSchedule
+from tlmodules.weighting import LossWeighting, build_weighting
+
+TASK_KINDS = ("multiclass", "binary", "regression")
+IGNORE_INDEX = -100
+
+
+def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Validate task dicts ``{"name", "kind", "num_outputs", ["weight"], ["head_hidden"], ["class_names"]}``."""
+    if not tasks:
+        raise ValueError("tasks is empty: give at least one {name, kind, num_outputs} (the datamodule's 'tasks')")
+    checked, names = [], set()
+    for task in tasks:
+        task = dict(task)
+        name, kind = task.get("name"), task.get("kind")
+        if not name or name in names:
+            raise ValueError(f"every task needs a unique name; got {name!r} in {[t.get('name') for t in tasks]}")
+        if kind not in TASK_KINDS:
+            raise ValueError(f"task {name!r} has kind {kind!r}; choose one of {list(TASK_KINDS)}")
+        outputs = task.get("num_outputs") or (1 if kind != "multiclass" else None)
+        if not isinstance(outputs, int) or outputs < 1 or (kind == "multiclass" and outputs < 2):
+            raise ValueError(f"task {name!r} ({kind}) needs num_outputs >= {2 if kind == 'multiclass' else 1}")
+        task["num_outputs"] = outputs
+        names.add(name)
+        checked.append(task)
+    return checked
+
+
+def task_metrics(task: Mapping[str, Any], prefix: str) -> MetricCollection:
+    """Accuracy and macro-F1 (classification) or MAE, RMSE and R² (regression), as ``<prefix><metric>``."""
+    if task["kind"] == "multiclass":
+        n = task["num_outputs"]
+        metrics = {
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "f1_macro": MulticlassF1Score(n, average="macro"),
+        }
+    elif task["kind"] == "binary":
+        metrics = {"acc": BinaryAccuracy(), "f1_macro": BinaryF1Score()}
+    else:
+        outputs = task["num_outputs"]
+        metrics = {
+            "mae": MeanAbsoluteError(),
+            "rmse": MeanSquaredError(squared=False),
+            "r2": R2Score(multioutput="uniform_average") if outputs > 1 else R2Score(),
+        }
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class MultiTaskModule(TransferModule):
+    """One shared trunk, one head per task (Caruana, "Multitask Learning", Machine Learning 1997), the
+    per-task losses combined by a weighting strategy (:mod:`tlmodules.weighting`).
+
+    ``inputs → trunk → features (B, W) → head_t → outputs_t``: ``(B, C_t)`` logits for ``multiclass``,
+    ``(B,)`` logits for ``binary``, ``(B,)`` or ``(B, D_t)`` values for ``regression``.
+
+    Batches are ``{"inputs": ..., "labels": {task: tensor}}``. **Partial labels**: a missing label is
+    ``-100`` (multiclass) or NaN (binary, regression); such samples add nothing to that task's loss or
+    metrics, and a task with no label in a batch has no loss there (the weighting skips it) while its
+    head still takes part in the graph with a zero gradient, so DDP sees every parameter used.
+
+    Logged: ``train/loss``, ``train/<task>/loss``, ``train/weight/<task>`` every step (and what the
+    weighting adds, e.g. ``train/log_var/<task>``); ``<stage>/<task>/<metric>`` (acc, f1_macro; mae,
+    rmse, r2) and ``<stage>/score``, the mean over tasks of accuracy (classification) and R²
+    (regression), which is also ``hp_metric``.
+
+    Args:
+        backbone: a backbone spec (see :mod:`tlmodules.backbones`), a module, or ``"mlp"``: an MLP trunk
+            (``trunk_hidden`` × ``trunk_depth``) for numeric feature vectors of ``in_features`` columns.
+        tasks: task dicts ``{"name", "kind", "num_outputs", "weight"?, "head_hidden"?, "class_names"?}``
+            (``MultiTaskDataModule.tasks`` has this form; the CLI links it).
+        weighting: ``equal``, ``static`` (each task's ``weight``, default 1), ``uncertainty`` (Kendall et al.
+            2018), ``dwa`` (Liu et al. 2019) or ``rlw`` (Lin et al. 2022); ``weighting_args`` go to it.
+        head_hidden: hidden units of every head without its own ``head_hidden`` (0: linear).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "mlp",
+        tasks: list[dict[str, Any]] | None = None,
+        weighting: Literal["equal", "static", "uncertainty", "dwa", "rlw"] = "equal",
+        weighting_args: dict[str, Any] | None = None,
+        in_features: int | None = None,
+        trunk_hidden: int = 64,
+        trunk_depth: int = 2,
+        head_hidden: int = 0,
+        dropout: float = 0.0,
+        weights: str | None = "DEFAULT",
+        pooling: Literal["mean", "cls", "max"] = "mean",
+        trust_remote_code: bool = False,
+        num_features: int | None = None,
+        pretrained: bool = True,
+        lr: float = 1e-3,
+        backbone_lr_ratio: float = 1.0,
+        weight_decay: float = 0.01,
+        optimizer: OptimizerName = "adamw",
+        momentum: float = 0.9,
+        lr_schedule: LRSchedule = "cosine",
+        warmup_fraction: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if tasks is None:
+            raise ValueError("MultiTaskModule needs tasks (e.g. tasks=datamodule.tasks; the CLI links them)")
+        self.tasks = check_tasks(tasks)
+        self.task_names = [t["name"] for t in self.tasks]
+        self.update_hparams(tasks=self.tasks)
+        if isinstance(backbone, str) and backbone == "mlp":
+            if not in_features:
+                raise ValueError("backbone 'mlp' needs in_features (the number of numeric input columns)")
+            backbone = MLPFeatures(in_features, trunk_hidden, trunk_depth, dropout)
+        self.backbone: Backbone = self.backbone_from_hparams(backbone)
+        width = self.backbone.num_features
+        self.heads = nn.ModuleDict(
+            {
+                t["name"]: ClassificationHead(width, t["num_outputs"], t.get("head_hidden", head_hidden), dropout)
+                for t in self.tasks
+            }
+        )
+        arguments = dict(weighting_args or {})
+        if weighting == "static":
+            arguments.setdefault("weights", {t["name"]: float(t.get("weight", 1.0)) for t in self.tasks})
+        if weighting == "uncertainty":
+            arguments.setdefault("kinds", {t["name"]: t["kind"] for t in self.tasks})
+        self.weighting: LossWeighting = build_weighting(weighting, self.task_names, **arguments)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{t['name']}": task_metrics(t, f"{stage}/{t['name']}/")
+                for stage in ("val", "test")
+                for t in self.tasks
+            }
+        )
+        self._epoch_sums: dict[str, Tensor] = {}  # task → [loss × samples, samples] of the running epoch
+
+    # -- forward and losses ------------------------------------------------------------------------
+    def forward(self, inputs: Any) -> dict[str, Tensor]:
+        """Inputs → ``{task: outputs}`` (logits or values, shapes in the class docstring)."""
+        features = self.backbone(inputs)
+        outputs = {}
+        for task in self.tasks:
+            out = self.heads[task["name"]](features)
+            outputs[task["name"]] = out.squeeze(-1) if task["kind"] != "multiclass" and out.shape[-1] == 1 else out
+        return outputs
+
+    @staticmethod
+    def labelled(task: Mapping[str, Any], labels: Tensor) -> Tensor:
+        """Boolean mask ``(B,)`` of the samples that carry this task's label."""
+        if task["kind"] == "multiclass":
+            return labels != IGNORE_INDEX
+        missing = torch.isnan(labels)
+        return ~missing.flatten(1).any(1) if missing.dim() > 1 else ~missing
+
+    def task_loss(self, task: Mapping[str, Any], output: Tensor, labels: Tensor) -> Tensor | None:
+        """The task's mean loss over its labelled samples; ``None`` when the batch has none."""
+        mask = self.labelled(task, labels)
+        if not bool(mask.any()):
+            return None
+        output, labels = output[mask].float(), labels[mask]
+        if task["kind"] == "multiclass":
+            return F.cross_entropy(output, labels.long())
+        if task["kind"] == "binary":
+            return F.binary_cross_entropy_with_logits(output, labels.float())
+        return F.mse_loss(output, labels.float())
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[ParamGroup]:
+        groups = [
+            ParamGroup("backbone", list(self.backbone.parameters()), self.hparams.backbone_lr_ratio),
+            ParamGroup("heads", list(self.heads.parameters()), 1.0),
+        ]
+        extra = list(self.weighting.parameters())
+        if extra:  # uncertainty weighting's log-variances, trained by the same optimizer
+            groups.append(ParamGroup("weighting", extra, 1.0))
+        return groups
+
+    # -- steps -------------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        outputs = self(batch["inputs"])
+        labels = batch["labels"]
+        losses = {t["name"]: self.task_loss(t, outputs[t["name"]], labels[t["name"]]) for t in self.tasks}
+        total, logged = self.weighting(losses, self.global_step)
+        # every head and weighting parameter stays in the graph (zero gradient where a task has no label)
+        anchor = sum(out.float().sum() for out in outputs.values())
+        anchor = anchor + sum(p.sum() for p in self.weighting.parameters())
+        total = total + 0.0 * anchor
+        batch_size = len(next(iter(labels.values())))
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        for name, loss in losses.items():
+            if loss is not None:
+                self.log(f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=batch_size)
+                count = self.labelled(self.tasks[self.task_names.index(name)], labels[name]).sum()
+                running = self._epoch_sums.get(name, torch.zeros(2, dtype=torch.float64, device=loss.device))
+                self._epoch_sums[name] = running + torch.stack([loss.detach().double() * count, count.double()])
+        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False)
+        self.log_learning_rates()
+        return total
+
+    def on_train_epoch_end(self) -> None:
+        """Each task's mean training loss of the epoch, summed over processes, to the weighting (DWA)."""
+        empty = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.stack([self._epoch_sums.get(n, empty) for n in self.task_names])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = {n: float(s / c) for n, (s, c) in zip(self.task_names, sums.tolist()) if c > 0}
+        self.weighting.end_epoch(means)
+        self._epoch_sums = {}
+
+    def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
+        outputs = self(batch["inputs"])
+        for task in self.tasks:
+            name, labels = task["name"], batch["labels"][task["name"]]
+            mask = self.labelled(task, labels)
+            if not bool(mask.any()):
+                continue
+            output, target = outputs[name][mask].float(), labels[mask]
+            if task["kind"] == "binary":
+                output, target = output.sigmoid(), target.long()
+            self.metrics[f"{stage}_{name}"].update(output, target)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _log_stage(self, stage: str) -> dict[str, Tensor]:
+        logged: dict[str, Tensor] = {}
+        scores = []
+        for task in self.tasks:
+            metrics = self.metrics[f"{stage}_{task['name']}"]
+            if any(m.update_called for m in metrics.values()):
+                values = metrics.compute()
+                logged.update(values)
+                key = "r2" if task["kind"] == "regression" else "acc"
+                scores.append(values[f"{stage}/{task['name']}/{key}"])
+            metrics.reset()
+        if scores:
+            logged[f"{stage}/score"] = torch.stack([s.float() for s in scores]).mean()
+        self.log_dict(logged)
+        return logged
+
+    def on_validation_epoch_end(self) -> None:
+        logged = self._log_stage("val")
+        if "val/score" in logged:
+            self.log("hp_metric", logged["val/score"])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage("test")
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{"index", task: probabilities (classification) or values (regression)}``."""
+        outputs = self(batch["inputs"])
+        result: dict[str, Any] = {"index": self.prediction_index(batch, len(next(iter(outputs.values()))))}
+        for task in self.tasks:
+            out = outputs[task["name"]].float()
+            result[task["name"]] = (
+                out.softmax(-1) if task["kind"] == "multiclass" else out.sigmoid() if task["kind"] == "binary" else out
+            )
+        return result
+
+    # -- no single label space ---------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        return None
+
+    def on_test_start(self) -> None:
+        return None
+
+    def on_predict_start(self) -> None:
+        return None
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "module": type(self).__name__,
+            "num_classes": None,
+            "tasks": self.tasks,
+            "backbone": origin_dict(self.backbone),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_meta(checkpoint)
+        saved = [(t["name"], t["kind"], t["num_outputs"]) for t in checkpoint["tlmodules"].get("tasks", [])]
+        mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
+        if saved != mine:
+            raise ValueError(f"the checkpoint's tasks {saved} differ from this model's {mine}; use the same task list")
