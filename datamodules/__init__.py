@@ -5,6 +5,7 @@ from datamodules.builtin import DigitsDomainDataModule, SklearnDigitsDataModule
 from datamodules.conll import ConllDataModule, align_word_labels
 from datamodules.domain import DomainAdaptationDataModule
 from datamodules.images import ImageFolderDataModule
+from datamodules.multitask import MultiTaskDataModule
 from datamodules.tables import DataError
 from datamodules.text import TextClassificationDataModule
 
@@ -15,6 +16,7 @@ __all__ = [
     "DigitsDomainDataModule",
     "DomainAdaptationDataModule",
     "ImageFolderDataModule",
+    "MultiTaskDataModule",
     "SklearnDigitsDataModule",
     "TextClassificationDataModule",
     "align_word_labels",

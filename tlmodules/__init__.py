@@ -4,6 +4,7 @@ from tlmodules.backbones import Backbone, BackboneError, Preprocessing, build_ba
 from tlmodules.dann import DANNModule
 from tlmodules.finetune import FineTuneModule
 from tlmodules.heads import ClassificationHead
+from tlmodules.multitask import MultiTaskModule
 from tlmodules.probe import FeatureProbeModule
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "DANNModule",
     "FeatureProbeModule",
     "FineTuneModule",
+    "MultiTaskModule",
     "Preprocessing",
     "build_backbone",
     "resolve_preprocessing",
