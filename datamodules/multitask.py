@@ -187,7 +187,7 @@ class MultiTaskDataModule(ClassificationDataModule):
         num_workers: int | None = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.save_hyperparameters(ignore=["backbone", "weights", "tasks"])  # the model logs these (tasks completed)
         self.backbone_spec, self.backbone_weights = backbone, weights
         if input_kind not in INPUT_KINDS:
             raise DataError(f"input_kind={input_kind!r} is not one of {list(INPUT_KINDS)}; choose one of them")

@@ -91,6 +91,8 @@ class DataCase:
     args: list[str]
     num_classes: int
     max_length: int | None = None
+    task_names: list[str] | None = None  # multi-task data
+    num_features: int | None = None
 
 
 def digits_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
@@ -167,7 +169,39 @@ def digits_domain_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -
     return DataCase(["--trainer.check_val_every_n_epoch", "1"], num_classes=10)
 
 
+def multitask_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
+    """A 40-row table with 4 numeric features and the recipe's label columns (missing labels included)."""
+    tmp_path = request.getfixturevalue("tmp_path")
+    tasks = data_args(recipe)["tasks"]
+    rng = random.Random(0)
+    header = ["f0", "f1", "f2", "f3", *(t["column"] for t in tasks)]
+    rows = []
+    for i in range(40):
+        features = [f"{rng.gauss(0, 1):.4f}" for _ in range(4)]
+        values = {"regression": f"{rng.uniform(5, 40):.2f}", "binary": str(i % 2), "multiclass": "abc"[i % 3]}
+        rows.append(features + ["" if i % 7 == 0 else values[t["kind"]] for t in tasks])  # every 7th row unlabelled
+    path = tmp_path / "multitask.csv"
+    path.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+    args = ["--data.init_args.train_file", str(path), "--data.init_args.batch_size", "8"]
+    args += ["--trainer.log_every_n_steps", "1"]  # task weights are logged per step
+    return DataCase(args, num_classes=0, task_names=[t["name"] for t in tasks], num_features=4)
+
+
+def is_multitask(recipe: dict[str, Any]) -> bool:
+    return recipe["model"]["class_path"].endswith("MultiTaskModule")
+
+
+def check_task_links(cli: Any, case: DataCase) -> None:
+    """The data's completed task list and input width reached the model; one head per task."""
+    assert [t["name"] for t in cli.model.tasks] == cli.datamodule.task_names == case.task_names
+    assert cli.model.hparams.in_features == cli.datamodule.num_features == case.num_features
+    assert set(cli.model.heads) == set(case.task_names)
+    for task in cli.datamodule.tasks:
+        assert cli.model.heads[task["name"]].num_classes == task["num_outputs"]
+
+
 DATA_CASES: dict[str, Callable[[dict[str, Any], pytest.FixtureRequest], DataCase]] = {
+    "MultiTaskDataModule": multitask_case,
     "SklearnDigitsDataModule": digits_case,
     "DigitsDomainDataModule": digits_domain_case,
     "ImageFolderDataModule": image_folder_case,
@@ -227,6 +261,9 @@ def test_recipe_links_backbone_into_data_and_labels_into_model(
     spec, weights = backbone_of(recipe)
     assert cli.datamodule.backbone_spec == spec
     assert cli.datamodule.backbone_weights == weights
+    if is_multitask(recipe):
+        check_task_links(cli, case)
+        return
     assert cli.model.head is not None and cli.model.head.num_classes == case.num_classes
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes == case.num_classes
     assert cli.model.hparams.class_names == cli.datamodule.class_names
@@ -298,6 +335,9 @@ def test_recipe_fits_on_tiny_data(recipe_path: Path, tmp_path: Path, request: py
         ]
     )
     spec, weights = backbone_of(recipe)
+    if is_multitask(recipe):
+        check_multitask_run(cli, recipe, case, runs, checkpoints)
+        return
 
     # the label set flowed from the data into the model
     assert cli.datamodule.num_classes == case.num_classes
@@ -328,6 +368,19 @@ def test_recipe_fits_on_tiny_data(recipe_path: Path, tmp_path: Path, request: py
         assert {"val/entity_f1", "val/entity_precision", "val/entity_recall"} <= scalars
 
 
+def check_multitask_run(cli: Any, recipe: dict[str, Any], case: DataCase, runs: Path, checkpoints: Path) -> None:
+    check_task_links(cli, case)
+    assert list(checkpoints.glob("best-*.ckpt")), f"no best-by-{monitored(recipe)} checkpoint"
+    meta = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["tlmodules"]
+    assert [t["name"] for t in meta["tasks"]] == case.task_names
+    scalars = event_scalars(runs / run_name(recipe))
+    assert monitored(recipe) in scalars
+    for task in cli.datamodule.tasks:
+        metric = "rmse" if task["kind"] == "regression" else "acc"
+        assert f"val/{task['name']}/{metric}" in scalars
+        assert f"train/weight/{task['name']}" in scalars
+
+
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)
 def test_print_config_shows_model_backbone_and_strategy(
     recipe_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -350,7 +403,8 @@ def test_print_config_shows_model_backbone_and_strategy(
 
         module_path, _, name = recipe["model"]["class_path"].rpartition(".")
         cls = getattr(importlib.import_module(module_path), name)
-        knobs = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes", "class_names"}
+        linked = {"self", "num_classes", "class_names", "tasks", "in_features"}  # filled from the data
+        knobs = set(inspect.signature(cls.__init__).parameters) - linked
         assert knobs <= set(init)
         for key, value in model_args(recipe).items():
             assert init[key] == value
