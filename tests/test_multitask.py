@@ -185,3 +185,29 @@ def test_checkpoint_round_trip_and_mismatched_tasks(tmp_path: Path) -> None:
 def test_invalid_configurations_fail_at_construction(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_model(**kwargs)
+
+
+class TaskData(pl.LightningDataModule):
+    def __init__(self, tasks: list[dict[str, Any]], num_features: int = IN_FEATURES) -> None:
+        super().__init__()
+        self.tasks, self.num_features = tasks, num_features
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(samples(16), batch_size=8)
+
+
+def test_a_model_without_tasks_takes_the_datamodules_in_setup() -> None:
+    pl.seed_everything(0)
+    model = MultiTaskModule(weighting="uncertainty", trunk_hidden=8)
+    assert not model.built
+    trainer(max_steps=2).fit(model, datamodule=TaskData(TASKS))
+    assert model.task_names == ["digit", "load", "flag"] and model.hparams.in_features == IN_FEATURES
+    assert model.hparams.tasks == model.tasks  # saved, so load_from_checkpoint rebuilds the same model
+
+
+def test_data_with_other_tasks_than_the_model_is_refused() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="differ"):
+        trainer(max_steps=1).fit(model, datamodule=TaskData(TASKS[:2]))
+    with pytest.raises(ValueError, match="no tasks"):
+        trainer(max_steps=1).fit(MultiTaskModule(), DataLoader(samples(8), batch_size=4))

@@ -29,16 +29,6 @@ def known_or_none(value: Any) -> Any:
     return value or None
 
 
-def data_tasks(datamodule: Any) -> list[dict[str, Any]] | None:
-    """A multi-task datamodule's task list (``None`` for single-task data)."""
-    return getattr(datamodule, "tasks", None)
-
-
-def data_width(datamodule: Any) -> int | None:
-    """The number of numeric input columns of a multi-task datamodule (``None`` otherwise)."""
-    return getattr(datamodule, "num_features", None)
-
-
 class TransferCLI(LightningCLI):
     """LightningCLI with tlmodules' links and defaults (TensorBoard under ``runs/``, best and last checkpoints)."""
 
@@ -87,9 +77,6 @@ class TransferCLI(LightningCLI):
         parser.link_arguments(
             "data.class_names", "model.init_args.class_names", compute_fn=known_or_none, apply_on="instantiate"
         )
-        # multi-task data: its completed task list (outputs, class names) and numeric input width
-        parser.link_arguments("data", "model.init_args.tasks", compute_fn=data_tasks, apply_on="instantiate")
-        parser.link_arguments("data", "model.init_args.in_features", compute_fn=data_width, apply_on="instantiate")
 
 
 def main(args: list[str] | None = None) -> TransferCLI:

@@ -16,7 +16,7 @@ from tlmodules.base import OptimizerName, ParamGroup, TransferModule
 from tlmodules.heads import ClassificationHead
 from tlmodules.nets import MLPFeatures
 from tlmodules.schedules import LRSchedule
-from tlmodules.weighting import LossWeighting, build_weighting
+from tlmodules.weighting import STRATEGIES, LossWeighting, build_weighting
 
 TASK_KINDS = ("multiclass", "binary", "regression")
 IGNORE_INDEX = -100
@@ -84,7 +84,8 @@ class MultiTaskModule(TransferModule):
         backbone: a backbone spec (see :mod:`tlmodules.backbones`), a module, or ``"mlp"``: an MLP trunk
             (``trunk_hidden`` × ``trunk_depth``) for numeric feature vectors of ``in_features`` columns.
         tasks: task dicts ``{"name", "kind", "num_outputs", "weight"?, "head_hidden"?, "class_names"?}``
-            (``MultiTaskDataModule.tasks`` has this form; the CLI links it).
+            (``MultiTaskDataModule.tasks`` has this form). Left out, the model takes the datamodule's
+            ``tasks`` and ``num_features`` in ``setup`` (how the CLI builds it).
         weighting: ``equal``, ``static`` (each task's ``weight``, default 1), ``uncertainty`` (Kendall et al.
             2018), ``dwa`` (Liu et al. 2019) or ``rlw`` (Lin et al. 2022); ``weighting_args`` go to it.
         head_hidden: hidden units of every head without its own ``head_hidden`` (0: linear).
@@ -116,29 +117,45 @@ class MultiTaskModule(TransferModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        if tasks is None:
-            raise ValueError("MultiTaskModule needs tasks (e.g. tasks=datamodule.tasks; the CLI links them)")
+        if weighting not in STRATEGIES:
+            raise ValueError(f"unknown loss weighting {weighting!r}; accepted names: {list(STRATEGIES)!r}")
+        object.__setattr__(self, "_backbone_spec", backbone)  # a module given here is registered once built
+        self.tasks: list[dict[str, Any]] = []
+        if tasks is not None:
+            self.build(tasks, in_features)
+        self._epoch_sums: dict[str, Tensor] = {}  # task → [loss × samples, samples] of the running epoch
+
+    # -- construction ------------------------------------------------------------------------------
+    @property
+    def built(self) -> bool:
+        return bool(self.tasks)
+
+    def build(self, tasks: Sequence[Mapping[str, Any]], in_features: int | None) -> None:
+        """Create trunk, heads, weighting and metrics for ``tasks`` (at construction when they are given,
+        else in :meth:`setup` from the datamodule's ``tasks`` and ``num_features``)."""
+        hp = self.hparams
         self.tasks = check_tasks(tasks)
         self.task_names = [t["name"] for t in self.tasks]
-        self.update_hparams(tasks=self.tasks)
+        self.update_hparams(tasks=self.tasks, in_features=in_features)
+        backbone = self._backbone_spec
         if isinstance(backbone, str) and backbone == "mlp":
             if not in_features:
                 raise ValueError("backbone 'mlp' needs in_features (the number of numeric input columns)")
-            backbone = MLPFeatures(in_features, trunk_hidden, trunk_depth, dropout)
+            backbone = MLPFeatures(in_features, hp.trunk_hidden, hp.trunk_depth, hp.dropout)
         self.backbone: Backbone = self.backbone_from_hparams(backbone)
         width = self.backbone.num_features
         self.heads = nn.ModuleDict(
             {
-                t["name"]: ClassificationHead(width, t["num_outputs"], t.get("head_hidden", head_hidden), dropout)
+                t["name"]: ClassificationHead(width, t["num_outputs"], t.get("head_hidden", hp.head_hidden), hp.dropout)
                 for t in self.tasks
             }
         )
-        arguments = dict(weighting_args or {})
-        if weighting == "static":
+        arguments = dict(hp.weighting_args or {})
+        if hp.weighting == "static":
             arguments.setdefault("weights", {t["name"]: float(t.get("weight", 1.0)) for t in self.tasks})
-        if weighting == "uncertainty":
+        if hp.weighting == "uncertainty":
             arguments.setdefault("kinds", {t["name"]: t["kind"] for t in self.tasks})
-        self.weighting: LossWeighting = build_weighting(weighting, self.task_names, **arguments)
+        self.weighting: LossWeighting = build_weighting(hp.weighting, self.task_names, **arguments)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{t['name']}": task_metrics(t, f"{stage}/{t['name']}/")
@@ -146,7 +163,24 @@ class MultiTaskModule(TransferModule):
                 for t in self.tasks
             }
         )
-        self._epoch_sums: dict[str, Tensor] = {}  # task → [loss × samples, samples] of the running epoch
+
+    def setup(self, stage: str) -> None:
+        """Build from the datamodule's task list when the model was made without one (the CLI's way);
+        otherwise check that the data's tasks are the model's."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_tasks = getattr(datamodule, "tasks", None)
+        if not self.built:
+            if not data_tasks:
+                raise ValueError(
+                    "MultiTaskModule has no tasks: pass tasks=[...] or train with a MultiTaskDataModule, "
+                    "whose task list (and numeric input width) the model takes"
+                )
+            self.build(data_tasks, self.hparams.in_features or getattr(datamodule, "num_features", None))
+        elif data_tasks:
+            theirs = [(t["name"], t["kind"], t["num_outputs"]) for t in check_tasks(data_tasks)]
+            mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
+            if theirs != mine:
+                raise ValueError(f"the data's tasks {theirs} differ from the model's {mine}; use one task list")
 
     # -- forward and losses ------------------------------------------------------------------------
     def forward(self, inputs: Any) -> dict[str, Tensor]:
