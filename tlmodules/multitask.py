@@ -200,9 +200,12 @@ class MultiTaskModule(TransferModule):
         missing = torch.isnan(labels)
         return ~missing.flatten(1).any(1) if missing.dim() > 1 else ~missing
 
-    def task_loss(self, task: Mapping[str, Any], output: Tensor, labels: Tensor) -> Tensor | None:
-        """The task's mean loss over its labelled samples; ``None`` when the batch has none."""
-        mask = self.labelled(task, labels)
+    def task_loss(
+        self, task: Mapping[str, Any], output: Tensor, labels: Tensor, mask: Tensor | None = None
+    ) -> Tensor | None:
+        """The task's mean loss over its labelled samples (``mask``, else :meth:`labelled`); ``None`` when the
+        batch has none."""
+        mask = self.labelled(task, labels) if mask is None else mask
         if not bool(mask.any()):
             return None
         output, labels = output[mask].float(), labels[mask]
@@ -227,7 +230,10 @@ class MultiTaskModule(TransferModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         outputs = self(batch["inputs"])
         labels = batch["labels"]
-        losses = {t["name"]: self.task_loss(t, outputs[t["name"]], labels[t["name"]]) for t in self.tasks}
+        masks = {t["name"]: self.labelled(t, labels[t["name"]]) for t in self.tasks}
+        losses = {
+            t["name"]: self.task_loss(t, outputs[t["name"]], labels[t["name"]], masks[t["name"]]) for t in self.tasks
+        }
         total, logged = self.weighting(losses, self.global_step)
         # every head and weighting parameter stays in the graph (zero gradient where a task has no label)
         anchor = sum(out.float().sum() for out in outputs.values())
@@ -238,7 +244,7 @@ class MultiTaskModule(TransferModule):
         for name, loss in losses.items():
             if loss is not None:
                 self.log(f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=batch_size)
-                count = self.labelled(self.tasks[self.task_names.index(name)], labels[name]).sum()
+                count = masks[name].sum()
                 running = self._epoch_sums.get(name, torch.zeros(2, dtype=torch.float64, device=loss.device))
                 self._epoch_sums[name] = running + torch.stack([loss.detach().double() * count, count.double()])
         self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False)
