@@ -6,7 +6,9 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,20 @@ def torchvision_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callab
         return target
 
     return place
+
+
+QUIET_TRAINER: dict[str, Any] = {  # one epoch on the CPU, nothing written, nothing printed
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "max_epochs": 1,
+}
+
+
+def make_trainer(**overrides: Any) -> pl.Trainer:
+    """A quiet single-process CPU trainer for unit tests; ``overrides`` replace any setting."""
+    return pl.Trainer(**{**QUIET_TRAINER, **overrides})

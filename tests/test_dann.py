@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -26,16 +27,6 @@ from tlmodules.heads import DomainDiscriminator
 from tlmodules.information import InformationMaximization
 from tlmodules.schedules import dann_lambda, dann_lr_factor, lr_shape
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "max_epochs": 1,
-}
 IN_FEATURES, WIDTH, NUM_CLASSES = 4, 6, 3
 
 
@@ -46,10 +37,6 @@ def _one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_trainer(**overrides: Any) -> pl.Trainer:
-    return pl.Trainer(**{**TRAINER_DEFAULTS, **overrides})
 
 
 def plain_path(inputs: Tensor, coefficient: float = 1.0) -> Tensor:

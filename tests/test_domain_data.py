@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import make_trainer
 from PIL import Image
 from torch import nn
 
@@ -48,21 +49,6 @@ def tiny_dann(**kwargs: Any) -> DANNModule:
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 8), nn.ReLU())
     settings = {"num_features": 8, "discriminator_hidden": 8, "lr": 0.05, "projection_samples": 0, **kwargs}
     return DANNModule(net, **settings)
-
-
-def make_trainer(**overrides: Any) -> pl.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "max_epochs": 1,
-        **overrides,
-    }
-    return pl.Trainer(**settings)
 
 
 # ---------------------------------------------------------------------------------------------

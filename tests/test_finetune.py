@@ -13,28 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import digit_like_image
+from conftest import digit_like_image, make_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from datamodules import ImageFolderDataModule
 from tlmodules import FineTuneModule
-
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "max_epochs": 1,
-}
-
-
-def make_trainer(**overrides: Any) -> pl.Trainer:
-    return pl.Trainer(**{**TRAINER_DEFAULTS, **overrides})
 
 
 def samples(n: int, num_classes: int = 3, size: int = 28, seed: int = 0, index: bool = False) -> list[dict]:

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, VOCAB, digit_like_image
+from conftest import FILLER, NEGATIVE, POSITIVE, VOCAB, digit_like_image, make_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -38,16 +38,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*sync_dist=True.*",
 )
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "max_epochs": 1,
-}
 NUM_SENTENCES, BATCH, VAL_FRACTION = 240, 32, 0.25
 TRAIN_BATCHES, VAL_BATCHES = 6, 2  # 180 and 60 sentences in batches of 32
 
@@ -65,10 +55,6 @@ def _one_thread() -> Any:
 def _work_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Trainer's default_root_dir is the working directory: pickled estimators land in tmp_path."""
     monkeypatch.chdir(tmp_path)
-
-
-def make_trainer(**overrides: Any) -> pl.Trainer:
-    return pl.Trainer(**{**TRAINER_DEFAULTS, **overrides})
 
 
 def count_calls(module: nn.Module) -> list[int]:
