@@ -142,8 +142,10 @@ class MultiTaskDataModule(ClassificationDataModule):
     Attributes known before ``setup`` (the model links them): ``tasks``, the task dicts completed with
     ``num_outputs`` (multiclass: the number of classes; binary and regression: 1) and ``class_names``
     (multiclass and binary: the class names, a binary task's negative class first; regression: ``None``),
-    their other keys (``weight``, ``head_hidden``, …) kept as given; ``task_names``; ``num_features`` (numeric
-    input only, else ``None``). ``targets[stage]`` maps each task to the ``(N,)`` label tensor of a file.
+    for regression also ``target_mean`` and ``target_std`` (population) of the labelled values of the training
+    split only, their other keys (``weight``, ``head_hidden``, …) kept as given; ``task_names``;
+    ``num_features`` (numeric input only, else ``None``). ``targets[stage]`` maps each task to the ``(N,)``
+    label tensor of a file.
 
     Args:
         train_file: the training table; without ``val_file``, a seeded ``val_fraction`` of its rows is
@@ -219,6 +221,7 @@ class MultiTaskDataModule(ClassificationDataModule):
         self.targets: dict[str, dict[str, torch.Tensor]] = {}
         for stage, table in self.tables.items():  # fail now on a bad label, not after an epoch
             self.targets[stage] = {task["name"]: self._encode_labels(task, table, stage) for task in self.tasks}
+        self.tasks = [self._with_target_scale(task) for task in self.tasks]
         self.tokenizer_source: str | None = None
         self.image_transform: Callable | None = None
         if input_kind == "text":
@@ -387,6 +390,20 @@ class MultiTaskDataModule(ClassificationDataModule):
         if kind == "multiclass":
             return indices.masked_fill(gaps, IGNORE_INDEX)
         return indices.float().masked_fill(gaps, math.nan)
+
+    def _with_target_scale(self, task: dict[str, Any]) -> dict[str, Any]:
+        """A regression task with ``target_mean`` and ``target_std`` of its labelled training-split values
+        (the model learns standardised targets and answers in the column's own units); others unchanged."""
+        if task["kind"] != "regression":
+            return task
+        values = self.targets["train"][task["name"]]
+        split = self._split()
+        if split is not None:
+            values = values[split[0]]
+        values = values[~torch.isnan(values)].double()
+        mean = float(values.mean()) if len(values) else 0.0
+        std = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
+        return {**task, "target_mean": mean, "target_std": std if std > 0 else 1.0}
 
     @staticmethod
     def _regression_value(value: Any, row: int, where: str) -> float:

@@ -107,6 +107,24 @@ def test_a_task_without_any_label_in_the_batch_gets_zero_gradient_and_no_nan() -
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
+def test_regression_heads_learn_standardised_targets_and_answer_in_the_targets_units() -> None:
+    scaled = [{**t, "target_mean": 50.0, "target_std": 10.0} if t["kind"] == "regression" else t for t in TASKS]
+    torch.manual_seed(0)
+    plain = make_model()
+    torch.manual_seed(0)
+    model = make_model(tasks=scaled)
+    batch = DataLoader(samples(8), batch_size=8).__iter__().__next__()
+    raw = plain(batch["inputs"])["load"]  # the same head without statistics: its standardised output
+    out = model(batch["inputs"])
+    assert torch.allclose(out["load"], raw * 10.0 + 50.0)
+    assert torch.allclose(out["digit"], plain(batch["inputs"])["digit"])  # classification untouched
+    labels = batch["labels"]["load"] * 10.0 + 50.0
+    loss = model.task_loss(model.tasks[1], out["load"], labels)
+    assert torch.allclose(loss, torch.nn.functional.mse_loss(raw, batch["labels"]["load"]))  # standard units
+    with pytest.raises(ValueError, match="target_std"):
+        make_model(tasks=[{**TASKS[1], "target_std": 0.0}])
+
+
 def test_uncertainty_log_variances_are_optimised_and_receive_gradients() -> None:
     torch.manual_seed(0)
     model = make_model(weighting="uncertainty")

@@ -81,6 +81,21 @@ def test_numeric_features_standardised_with_train_split_statistics(tmp_path):
     assert torch.all(train_x[:, 2] == 0)  # constant: centred, std taken as 1
 
 
+def test_regression_targets_scaled_with_train_split_statistics(tmp_path):
+    train = numeric_table(tmp_path / "train.csv", n=20)
+    lines = train.read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0] + ","  # row 0 lacks its price: left out of the statistics
+    train.write_text("\n".join(lines) + "\n")
+    dm = numeric_module(train, val_fraction=0.25, seed=3)
+    dm.setup("fit")
+    price = next(t for t in dm.tasks if t["name"] == "price")
+    kept = [i for i in dm.datasets["train"].indices if i != 0]
+    values = np.array([i * 1.5 for i in kept])
+    assert price["target_mean"] == pytest.approx(values.mean()) and price["target_std"] == pytest.approx(values.std())
+    assert price["target_mean"] != pytest.approx(np.arange(1, 20).mean() * 1.5)  # not the whole file's
+    assert "target_mean" not in next(t for t in dm.tasks if t["name"] == "colour")
+
+
 def test_val_file_scaled_with_train_file_statistics(tmp_path):
     train = numeric_table(tmp_path / "train.csv", n=12)
     val = numeric_table(tmp_path / "val.csv", n=6, shift=50.0)  # far off: its own statistics would differ
@@ -272,9 +287,8 @@ def test_empty_split(tmp_path):
     with pytest.raises(DataError, match=r"val file .*val\.csv has no data rows"):
         numeric_module(train, val_file=str(empty))
     one = numeric_table(tmp_path / "one.csv", n=1)
-    dm = numeric_module(one, val_fraction=0.5, tasks=[{"name": "price", "kind": "regression", "column": "price"}])
-    with pytest.raises(DataError, match=r"cannot hold out 50% of 1 samples"):
-        dm.setup("fit")
+    with pytest.raises(DataError, match=r"cannot hold out 50% of 1 samples"):  # at construction: the split is known
+        numeric_module(one, val_fraction=0.5, tasks=[{"name": "price", "kind": "regression", "column": "price"}])
 
 
 # -- text and image inputs ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ IGNORE_INDEX = -100
 
 
 def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Validate task dicts ``{"name", "kind", "num_outputs", ["weight"], ["head_hidden"], ["class_names"]}``."""
+    """Validate task dicts ``{"name", "kind", "num_outputs", ["weight"], ["head_hidden"], ["class_names"],
+    ["target_mean"], ["target_std"]}``."""
     if not tasks:
         raise ValueError("tasks is empty: give at least one {name, kind, num_outputs} (the datamodule's 'tasks')")
     checked, names = [], set()
@@ -37,6 +38,9 @@ def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         outputs = task.get("num_outputs") or (1 if kind != "multiclass" else None)
         if not isinstance(outputs, int) or outputs < 1 or (kind == "multiclass" and outputs < 2):
             raise ValueError(f"task {name!r} ({kind}) needs num_outputs >= {2 if kind == 'multiclass' else 1}")
+        std = torch.as_tensor(task.get("target_std", 1.0), dtype=torch.float64)
+        if kind == "regression" and not bool((std > 0).all()):
+            raise ValueError(f"task {name!r} has target_std={task['target_std']!r}; it must be positive")
         task["num_outputs"] = outputs
         names.add(name)
         checked.append(task)
@@ -68,7 +72,10 @@ class MultiTaskModule(TransferModule):
     per-task losses combined by a weighting strategy (:mod:`tlmodules.weighting`).
 
     ``inputs → trunk → features (B, W) → head_t → outputs_t``: ``(B, C_t)`` logits for ``multiclass``,
-    ``(B,)`` logits for ``binary``, ``(B,)`` or ``(B, D_t)`` values for ``regression``.
+    ``(B,)`` logits for ``binary``, ``(B,)`` or ``(B, D_t)`` values for ``regression``. A regression head
+    learns standardised targets ``(y - target_mean) / target_std`` (the task's statistics, which
+    ``MultiTaskDataModule`` takes from the training split), so tasks of any scale train alike and the loss is
+    the mean squared error in standard units; outputs, metrics and predictions are in the target's own units.
 
     Batches are ``{"inputs": ..., "labels": {task: tensor}}``. **Partial labels**: a missing label is
     ``-100`` (multiclass) or NaN (binary, regression); such samples add nothing to that task's loss or
@@ -83,7 +90,8 @@ class MultiTaskModule(TransferModule):
     Args:
         backbone: a backbone spec (see :mod:`tlmodules.backbones`), a module, or ``"mlp"``: an MLP trunk
             (``trunk_hidden`` × ``trunk_depth``) for numeric feature vectors of ``in_features`` columns.
-        tasks: task dicts ``{"name", "kind", "num_outputs", "weight"?, "head_hidden"?, "class_names"?}``
+        tasks: task dicts ``{"name", "kind", "num_outputs", "weight"?, "head_hidden"?, "class_names"?,
+            "target_mean"?, "target_std"?}``
             (``MultiTaskDataModule.tasks`` has this form). Left out, the model takes the datamodule's
             ``tasks`` and ``num_features`` in ``setup`` (how the CLI builds it).
         weighting: ``equal``, ``static`` (each task's ``weight``, default 1), ``uncertainty`` (Kendall et al.
@@ -189,8 +197,20 @@ class MultiTaskModule(TransferModule):
         outputs = {}
         for task in self.tasks:
             out = self.heads[task["name"]](features)
-            outputs[task["name"]] = out.squeeze(-1) if task["kind"] != "multiclass" and out.shape[-1] == 1 else out
+            out = out.squeeze(-1) if task["kind"] != "multiclass" and out.shape[-1] == 1 else out
+            if task["kind"] == "regression":  # the head predicts standardised values
+                mean, std = self.target_scale(task, out)
+                out = out * std + mean
+            outputs[task["name"]] = out
         return outputs
+
+    @staticmethod
+    def target_scale(task: Mapping[str, Any], like: Tensor) -> tuple[Tensor, Tensor]:
+        """A regression task's ``target_mean`` and ``target_std`` (scalars or ``(D,)``; default 0 and 1) as
+        tensors on ``like``'s device: the head learns ``(y - mean) / std``, the model answers ``y``."""
+        mean = torch.as_tensor(task.get("target_mean", 0.0), dtype=like.dtype, device=like.device)
+        std = torch.as_tensor(task.get("target_std", 1.0), dtype=like.dtype, device=like.device)
+        return mean, std
 
     @staticmethod
     def labelled(task: Mapping[str, Any], labels: Tensor) -> Tensor:
@@ -213,7 +233,8 @@ class MultiTaskModule(TransferModule):
             return F.cross_entropy(output, labels.long())
         if task["kind"] == "binary":
             return F.binary_cross_entropy_with_logits(output, labels.float())
-        return F.mse_loss(output, labels.float())
+        _, std = self.target_scale(task, output)  # mean squared error of standardised values
+        return F.mse_loss(output / std, labels.float() / std)
 
     # -- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[ParamGroup]:
