@@ -229,3 +229,52 @@ def test_data_with_other_tasks_than_the_model_is_refused() -> None:
         trainer(max_steps=1).fit(model, datamodule=TaskData(TASKS[:2]))
     with pytest.raises(ValueError, match="no tasks"):
         trainer(max_steps=1).fit(MultiTaskModule(), DataLoader(samples(8), batch_size=4))
+
+
+def test_predictions_are_written_per_task_in_the_targets_units(tmp_path: Path) -> None:
+    import csv
+
+    from datamodules import MultiTaskDataModule
+    from tlmodules.predictions import PredictionWriter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 3, generator=g)
+    lines = ["a,b,c,colour,flag,price"]
+    for i, row in enumerate(x.tolist()):
+        lines.append(",".join(f"{v:.4f}" for v in row) + f",{'rgb'[i % 3]},{'yes' if row[0] > 0 else 'no'},{100 + i}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "new.csv").write_text("a,b,c\n" + "\n".join(",".join(f"{v:.4f}" for v in r) for r in x[:5].tolist()))
+    tasks = [
+        {"name": "colour", "kind": "multiclass", "column": "colour"},
+        {"name": "flag", "kind": "binary", "column": "flag"},
+        {"name": "price", "kind": "regression", "column": "price"},
+    ]
+    data = MultiTaskDataModule(
+        train_file=str(tmp_path / "train.csv"),
+        predict_file=str(tmp_path / "new.csv"),
+        tasks=tasks,
+        val_fraction=0.0,
+        batch_size=8,
+    )
+    pl.seed_everything(0)
+    model = MultiTaskModule(trunk_hidden=8, lr=0.01)
+    trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule=data)
+    target = tmp_path / "predictions.csv"
+    trainer(callbacks=[PredictionWriter(str(target))]).predict(model, datamodule=data, return_predictions=False)
+
+    with target.open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    assert header == ["id", "colour", "colour_prob_b", "colour_prob_g", "colour_prob_r", "flag", "flag_prob_yes", "price"]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]  # data rows of the predict file
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.stack([data.datasets["predict"][i]["inputs"] for i in range(5)]))
+    probs = torch.tensor([[float(v) for v in r[2:5]] for r in rows])
+    torch.testing.assert_close(probs, out["colour"].softmax(-1), atol=1e-5, rtol=1e-5)
+    assert [r[1] for r in rows] == [["b", "g", "r"][i] for i in out["colour"].argmax(-1).tolist()]
+    flag = torch.tensor([float(r[6]) for r in rows])
+    torch.testing.assert_close(flag, out["flag"].sigmoid(), atol=1e-5, rtol=1e-5)
+    assert [r[5] for r in rows] == [["no", "yes"][int(p >= 0.5)] for p in flag.tolist()]
+    price = torch.tensor([float(r[7]) for r in rows])
+    torch.testing.assert_close(price, out["price"], atol=1e-3, rtol=1e-5)
+    assert price.min() > 50  # in the column's units (mean 114.5), not standardised

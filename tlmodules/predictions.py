@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``predict`` results as CSV: ``id, label, prob_<class>…`` (or ``id, f0…`` for embeddings).
+    """Write ``predict`` results as CSV: ``id, label, prob_<class>…`` (``id, f0…`` for embeddings; per task
+    columns for a multi-task model, see :func:`task_rows`).
 
     The id comes from the datamodule's ``prediction_id(index)`` (an image's relative path, a text
     row number) when it has one. With several processes each writes ``<stem>.rank<r>.csv``.
@@ -44,19 +45,79 @@ class PredictionWriter(BasePredictionWriter):
         path = self.target_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
+        if batches and "embeddings" in batches[0]:
+            header, rows = embedding_rows(batches, to_id)
+        elif batches and "probs" not in batches[0] and getattr(pl_module, "tasks", None):
+            header, rows = task_rows(batches, pl_module.tasks, to_id)
+        else:
+            header, rows = class_rows(batches, names, to_id)
         with partial.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            if batches and "embeddings" in batches[0]:
-                width = batches[0]["embeddings"].shape[-1]
-                writer.writerow(["id", *(f"f{i}" for i in range(width))])
-                for batch in batches:
-                    for index, row in zip(batch["index"].tolist(), batch["embeddings"].float().cpu().tolist()):
-                        writer.writerow([to_id(index), *(f"{v:.6g}" for v in row)])
-            else:
-                writer.writerow(["id", "label", *(f"prob_{n}" for n in names)])
-                for batch in batches:
-                    for index, row in zip(batch["index"].tolist(), batch["probs"].cpu().tolist()):
-                        best = max(range(len(row)), key=row.__getitem__)
-                        label = names[best] if best < len(names) else str(best)
-                        writer.writerow([to_id(index), label, *(f"{p:.6f}" for p in row)])
+            writer.writerow(header)
+            writer.writerows(rows)
         partial.replace(path)
+
+
+Rows = Iterator[list[str]]
+
+
+def embedding_rows(batches: Sequence[dict[str, Any]], to_id: Callable[[int], str]) -> tuple[list[str], Rows]:
+    """``id, f0, f1, …``: one feature vector per input."""
+    width = batches[0]["embeddings"].shape[-1]
+
+    def rows() -> Rows:
+        for batch in batches:
+            for index, row in zip(batch["index"].tolist(), batch["embeddings"].float().cpu().tolist()):
+                yield [to_id(index), *(f"{v:.6g}" for v in row)]
+
+    return ["id", *(f"f{i}" for i in range(width))], rows()
+
+
+def class_rows(
+    batches: Sequence[dict[str, Any]], names: list[str], to_id: Callable[[int], str]
+) -> tuple[list[str], Rows]:
+    """``id, label, prob_<class>…``: the most probable class and every class probability."""
+
+    def rows() -> Rows:
+        for batch in batches:
+            for index, row in zip(batch["index"].tolist(), batch["probs"].cpu().tolist()):
+                best = max(range(len(row)), key=row.__getitem__)
+                label = names[best] if best < len(names) else str(best)
+                yield [to_id(index), label, *(f"{p:.6f}" for p in row)]
+
+    return ["id", "label", *(f"prob_{n}" for n in names)], rows()
+
+
+def task_rows(
+    batches: Sequence[dict[str, Any]], tasks: Sequence[dict[str, Any]], to_id: Callable[[int], str]
+) -> tuple[list[str], Rows]:
+    """Multi-task predictions, per task: ``<task>`` (the predicted class, or the value of a regression) then
+    ``<task>_prob_<class>`` for every class (binary: the positive class's only); a regression with several
+    outputs gives ``<task>_0``, ``<task>_1``, …"""
+    header = ["id"]
+    for task in tasks:
+        name, names = task["name"], task.get("class_names") or []
+        if task["kind"] == "multiclass":
+            header += [name, *(f"{name}_prob_{c}" for c in names or range(task["num_outputs"]))]
+        elif task["kind"] == "binary":
+            header += [name, f"{name}_prob_{names[1] if len(names) == 2 else 1}"]
+        else:
+            header += [name] if task["num_outputs"] == 1 else [f"{name}_{d}" for d in range(task["num_outputs"])]
+
+    def cells(task: dict[str, Any], value: Any) -> list[str]:
+        names = task.get("class_names") or []
+        if task["kind"] == "multiclass":
+            best = max(range(len(value)), key=value.__getitem__)
+            return [names[best] if best < len(names) else str(best), *(f"{p:.6f}" for p in value)]
+        if task["kind"] == "binary":
+            label = int(value >= 0.5)
+            return [names[label] if len(names) == 2 else str(label), f"{value:.6f}"]
+        return [f"{v:.6g}" for v in (value if isinstance(value, list) else [value])]
+
+    def rows() -> Rows:
+        for batch in batches:
+            columns = {t["name"]: batch[t["name"]].float().cpu().tolist() for t in tasks}
+            for i, index in enumerate(batch["index"].tolist()):
+                yield [to_id(index), *(cell for t in tasks for cell in cells(t, columns[t["name"]][i]))]
+
+    return header, rows()
