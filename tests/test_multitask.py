@@ -264,7 +264,8 @@ def test_predictions_are_written_per_task_in_the_targets_units(tmp_path: Path) -
 
     with target.open(newline="") as handle:
         header, *rows = list(csv.reader(handle))
-    assert header == ["id", "colour", "colour_prob_b", "colour_prob_g", "colour_prob_r", "flag", "flag_prob_yes", "price"]
+    colour = ["colour", "colour_prob_b", "colour_prob_g", "colour_prob_r"]
+    assert header == ["id", *colour, "flag", "flag_prob_yes", "price"]
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]  # data rows of the predict file
     model.eval()
     with torch.no_grad():
