@@ -60,7 +60,7 @@ SENTENCE_TASKS = [
 # hyperparameters per problem, the same for every method
 ENERGY_SETTINGS = {
     "model": {"trunk_hidden": 64, "trunk_depth": 2, "lr": 3e-3, "weight_decay": 1e-4, "lr_schedule": "cosine"},
-    "batch_size": 32,
+    "batch_size": 64,
     "epochs": 200,
 }
 SENTENCE_SETTINGS = {

@@ -189,6 +189,22 @@ def test_checkpoint_round_trip_and_mismatched_tasks(tmp_path: Path) -> None:
         other.on_load_checkpoint(checkpoint)
 
 
+def test_the_checkpoints_target_scaling_replaces_the_datas(tmp_path: Path) -> None:
+    """A model built from other data (other statistics) answers with the trained heads' scaling once loaded."""
+    trained = make_model(
+        tasks=[{**t, "target_mean": 5.0, "target_std": 2.0} if t["name"] == "load" else t for t in TASKS]
+    )
+    checkpoint = {"tlmodules": trained.checkpoint_meta()}
+    rebuilt = make_model(
+        tasks=[{**t, "target_mean": 9.0, "target_std": 4.0} if t["name"] == "load" else t for t in TASKS]
+    )
+    rebuilt.load_state_dict(trained.state_dict())
+    rebuilt.on_load_checkpoint(checkpoint)
+    x = torch.randn(4, IN_FEATURES)
+    assert torch.allclose(rebuilt(x)["load"], trained(x)["load"])
+    assert rebuilt.tasks[1]["target_mean"] == 5.0 and rebuilt.tasks[1]["target_std"] == 2.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -358,3 +358,8 @@ class MultiTaskModule(TransferModule):
         mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
         if saved != mine:
             raise ValueError(f"the checkpoint's tasks {saved} differ from this model's {mine}; use the same task list")
+        # the trained heads' target scaling wins over the statistics of whatever data built this model
+        for task, saved_task in zip(self.tasks, checkpoint["tlmodules"]["tasks"]):
+            for key in ("target_mean", "target_std"):
+                if key in saved_task:
+                    task[key] = saved_task[key]
