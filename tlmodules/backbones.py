@@ -378,7 +378,7 @@ BUILTIN_PREPROCESSING = {
 def builtin_backbone(name: str) -> Backbone:
     """``builtin:<name>``: small networks for small images, randomly initialised."""
     if name == "lenet":
-        net = LeNetFeatures(in_channels=3)
+        net = LeNetFeatures(in_channels=3, dropout=0.5)
         groups = [_param_names(net.conv1, "conv1."), _param_names(net.conv2, "conv2.")]
         return Backbone(net, net.num_features, groups, BUILTIN_PREPROCESSING[name], BackboneOrigin(f"builtin:{name}"))
     raise BackboneError(ACCEPTED_FORMS.format(builtin_names=sorted(BUILTIN_PREPROCESSING)) + f"; got builtin:{name}")
