@@ -1,8 +1,8 @@
 """What one DANNModule training step costs, per method, against the source-only step (USPS→MNIST batches).
 
 Each method trains ``--warmup`` steps, then ``--steps`` timed steps (median of per-step wall times,
-taken between Lightning's batch-start and batch-end hooks, so data loading and the optimizer step
-are included); 64 source + 64 target images per step, the recipe of ``bench/dann_digits.py``.
+from one batch-end hook to the next, so data loading, augmentation and the optimizer step are included);
+64 source + 64 target images per step, the recipe of ``bench/dann_digits.py``.
 Run it on an otherwise idle machine: a second busy process on 2 cores distorts every figure.
 
     python bench/dann_step_cost.py --threads 1 2
@@ -25,6 +25,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from bench.dann_digits import DIGITS, RECIPE, RESULTS, Domains  # noqa: E402
+from datamodules import RandomAffineBatch  # noqa: E402
 from tlmodules import DANNModule  # noqa: E402
 
 VARIANTS = {  # name: DANNModule arguments on top of the benchmark's recipe
@@ -44,18 +45,19 @@ class StepTimer(pl.Callback):
         self.times: list[float] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
-        self._start = time.perf_counter()
-
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        now = time.perf_counter()  # from one step's end to the next: loading, augmentation, step, optimizer
         if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(now - self._start)
+        self._start = now
 
 
 def step_ms(domains: Domains, arguments: dict, warmup: int, steps: int) -> float:
     pl.seed_everything(0)
     timer = StepTimer(warmup)
-    model = DANNModule(backbone="builtin:lenet", num_classes=10, projection_samples=0, **RECIPE, **arguments)
+    recipe = {k: v for k, v in RECIPE.items() if k != "augment"}
+    augment = RandomAffineBatch(**RECIPE["augment"]) if RECIPE.get("augment") else None
+    model = DANNModule(backbone="builtin:lenet", num_classes=10, projection_samples=0, **recipe, **arguments)
     trainer = pl.Trainer(
         max_steps=warmup + steps,
         accelerator="cpu",
@@ -67,7 +69,7 @@ def step_ms(domains: Domains, arguments: dict, warmup: int, steps: int) -> float
         num_sanity_val_steps=0,
         callbacks=[timer],
     )
-    trainer.fit(model, domains.pair("usps2mnist", "dann", 64))
+    trainer.fit(model, domains.pair("usps2mnist", "dann", 64, augment))
     return 1000 * statistics.median(timer.times)
 
 
