@@ -119,10 +119,14 @@ def run_once(
     pl.seed_everything(seed, workers=True)
     augment = RandomAffineBatch(**recipe["augment"]) if recipe.get("augment") else None
     data = domains.pair(pair, method, recipe.get("batch_size", 64), augment)
-    arguments = {k: v for k, v in recipe.items() if k not in ("batch_size", "augment")}
+    arguments = {k: v for k, v in recipe.items() if k not in ("batch_size", "augment", "lenet_dropout")}
     model = DANNModule(
         backbone="builtin:lenet", num_classes=10, projection_samples=0, **arguments, **method_arguments(method)
     )
+    if "lenet_dropout" in recipe:  # e.g. 0.0: the LeNet before it dropped channels (earlier sweep variants)
+        for layer in model.backbone.modules():
+            if isinstance(layer, torch.nn.Dropout2d):
+                layer.p = float(recipe["lenet_dropout"])
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator=accelerator,
@@ -188,8 +192,8 @@ def main() -> None:
     parser.add_argument(
         "--recipe",
         default="{}",
-        help='JSON of DANNModule arguments to override, plus "batch_size" and "augment" '
-        '(RandomAffineBatch arguments for training batches of both domains, e.g. {"augment": {"degrees": 10}})',
+        help='JSON of DANNModule arguments to override, plus "batch_size", "augment" (RandomAffineBatch '
+        'arguments for training batches of both domains, e.g. {"augment": {"degrees": 10}}) and "lenet_dropout"',
     )
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--digits", default=str(DIGITS), help="the digits folder (usps/, mnist_t10k/)")

@@ -24,13 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dann_digits import DIGITS, PAIRS, RESULTS  # noqa: E402
 
-VARIANTS: dict[str, tuple[dict, int]] = {  # name: (DANNModule arguments, steps)
-    "plain": ({}, 5000),
-    "bottleneck256": ({"bottleneck": 256}, 5000),
-    "disc500": ({"discriminator_hidden": 500}, 5000),
-    "separate_batches": ({"joint_batch": False}, 5000),
-    "steps10k": ({}, 10000),
-    "bottleneck256_steps10k": ({"bottleneck": 256}, 10000),
+AUGMENT = {"degrees": 10.0, "translate": 0.1, "scale": [0.9, 1.1]}
+NO_DROPOUT = {"lenet_dropout": 0.0}  # the LeNet of the first sweep, before builtin:lenet dropped channels
+VARIANTS: dict[str, tuple[dict, int]] = {  # name: (DANNModule arguments and recipe keys, steps)
+    "plain": (NO_DROPOUT, 5000),
+    "bottleneck256": ({"bottleneck": 256, **NO_DROPOUT}, 5000),
+    "disc500": ({"discriminator_hidden": 500, **NO_DROPOUT}, 5000),
+    "separate_batches": ({"joint_batch": False, **NO_DROPOUT}, 5000),
+    "steps10k": (NO_DROPOUT, 10000),
+    "bottleneck256_steps10k": ({"bottleneck": 256, **NO_DROPOUT}, 10000),
+    # second round (CPU, DANN on one seed): channel dropout 0.5 in LeNet, augmentation, both
+    "bottleneck256_dropout": ({"bottleneck": 256}, 5000),
+    "bottleneck256_augment": ({"bottleneck": 256, "augment": AUGMENT, **NO_DROPOUT}, 5000),
+    "bottleneck256_dropout_augment": ({"bottleneck": 256, "augment": AUGMENT}, 5000),
 }
 BASELINE_VARIANTS = ("plain", "bottleneck256")  # source-only and oracle: the adversary-free knobs only
 
