@@ -1,6 +1,7 @@
 """tlmodules: PyTorch Lightning modules for transfer learning."""
 
 from tlmodules.backbones import Backbone, BackboneError, Preprocessing, build_backbone, resolve_preprocessing
+from tlmodules.base import NonFiniteLossError
 from tlmodules.dann import DANNModule
 from tlmodules.finetune import FineTuneModule
 from tlmodules.heads import ClassificationHead
@@ -15,6 +16,7 @@ __all__ = [
     "FeatureProbeModule",
     "FineTuneModule",
     "MultiTaskModule",
+    "NonFiniteLossError",
     "Preprocessing",
     "build_backbone",
     "resolve_preprocessing",

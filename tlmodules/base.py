@@ -29,6 +29,10 @@ from tlmodules.schedules import lr_shape
 OptimizerName = Literal["adamw", "sgd"]
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; raised before it reaches the weights."""
+
+
 @dataclass
 class ParamGroup:
     """A named set of parameters with a learning-rate multiplier (relative to ``lr``)."""
@@ -159,6 +163,21 @@ class TransferModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.refresh_learning_rates()
+
+    # -- a NaN or infinite loss stops the run before the backward pass ---------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_index = batch_idx
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop at the first non-finite loss, before its gradients reach the weights: the run fails with
+        the step and batch, and checkpoints already written (the last good one) stay as they are."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteLossError(
+                f"the training loss is {loss.detach().float().mean().item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {getattr(self, '_batch_index', '?')}); the run stopped before this "
+                "step touched the weights, and the last checkpoint is the last good one. Look for NaN or infinite "
+                "values in that batch, or lower the learning rate (and prefer bf16-mixed to 16-mixed)"
+            )
 
     # -- metrics and logging --------------------------------------------------------------------
     def update_hparams(self, **values: Any) -> None:
