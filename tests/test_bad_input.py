@@ -38,6 +38,7 @@ from tlmodules import DANNModule, FineTuneModule, MultiTaskModule
 from tlmodules.backbones import BackboneError, build_backbone
 from tlmodules.base import TransferModule
 from tlmodules.cli import main
+from tlmodules.outputs import OutputFolderError
 from tlmodules.predictions import PredictionWriter
 
 pytestmark = [
@@ -240,6 +241,29 @@ def unknown_optimizer(env: Env) -> None:
 def log_folder_under_a_file(env: Env) -> None:
     logger = TensorBoardLogger(save_dir=env.out / "blocker.txt" / "runs", name="tlmodules")
     env.trainer(logger=logger).fit(FineTuneModule(backbone="builtin:lenet"), datamodule=image_data(env.images()))
+
+
+def checkpoint_folder_under_a_file(env: Env) -> None:
+    checkpoints = ModelCheckpoint(dirpath=env.out / "blocker.txt" / "checkpoints", save_last=True)
+    env.trainer(callbacks=[checkpoints]).fit(
+        FineTuneModule(backbone="builtin:lenet"), datamodule=image_data(env.images())
+    )
+
+
+def predictions_under_a_file(env: Env) -> None:
+    main(
+        args=[
+            "predict",
+            "--config",
+            str(DIGITS),
+            "--trainer.logger.init_args.save_dir",
+            str(env.out / "runs"),
+            "--trainer.logger.init_args.name",
+            "tlmodules",
+            "--predictions.output_path",
+            str(env.out / "blocker.txt" / "predictions.csv"),
+        ]
+    )
 
 
 def multitask_tasks_differ_from_data(env: Env) -> None:
@@ -652,6 +676,22 @@ CASES = [
     pytest.param(
         Bad(log_folder_under_a_file, NotADirectoryError, r"Not a directory: .*blocker\.txt/runs"),
         id="log-folder-under-a-regular-file",
+    ),
+    pytest.param(
+        Bad(
+            checkpoint_folder_under_a_file,
+            OutputFolderError,
+            r"checkpoint folder .*blocker\.txt/checkpoints cannot be created: .*blocker\.txt is a file",
+        ),
+        id="checkpoint-folder-under-a-regular-file",
+    ),
+    pytest.param(
+        Bad(
+            predictions_under_a_file,
+            OutputFolderError,
+            r"predictions folder .*blocker\.txt cannot be created: .*blocker\.txt is a file, not a folder",
+        ),
+        id="predictions-under-a-regular-file",
     ),
 ]
 

@@ -24,6 +24,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from tlmodules.backbones import Backbone, build_backbone
+from tlmodules.outputs import OutputFolderCheck
 from tlmodules.schedules import lr_shape
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -163,6 +164,10 @@ class TransferModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.refresh_learning_rates()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Output folders that cannot be written fail the run before it starts (:mod:`tlmodules.outputs`)."""
+        return [OutputFolderCheck()]
 
     # -- a NaN or infinite loss stops the run before the backward pass ---------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from tlmodules.outputs import check_writable_folder
+
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predict`` results as CSV: ``id, label, prob_<class>…`` (``id, f0…`` for embeddings; per task
@@ -24,6 +26,10 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output_path: str = "predictions.csv") -> None:
         super().__init__(write_interval="epoch")
         self.output_path = output_path
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":  # fail now, not after the whole prediction pass
+            check_writable_folder(self.target_path(trainer).parent, "predictions folder")
 
     def target_path(self, trainer: pl.Trainer) -> Path:
         path = Path(self.output_path)
