@@ -250,6 +250,10 @@ def checkpoint_folder_under_a_file(env: Env) -> None:
     )
 
 
+def truncated_checkpoint_to_resume(env: Env) -> None:
+    env.cli("--ckpt_path", str(env.truncated_checkpoint()))
+
+
 def predictions_under_a_file(env: Env) -> None:
     main(
         args=[
@@ -676,6 +680,10 @@ CASES = [
     pytest.param(
         Bad(log_folder_under_a_file, NotADirectoryError, r"Not a directory: .*blocker\.txt/runs"),
         id="log-folder-under-a-regular-file",
+    ),
+    pytest.param(
+        Bad(truncated_checkpoint_to_resume, SystemExit, r"ckpt_path: cannot read checkpoint .*cut\.ckpt.*truncated"),
+        id="checkpoint-truncated-as-cli-ckpt-path",
     ),
     pytest.param(
         Bad(

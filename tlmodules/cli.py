@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from tlmodules.backbones import BackboneError, resolve_preprocessing
+from tlmodules.backbones import BackboneError, load_checkpoint, resolve_preprocessing
 from tlmodules.predictions import PredictionWriter
 from tlmodules.summary import RunSummary
 
@@ -29,6 +29,9 @@ def known_or_none(value: Any) -> Any:
     return value or None
 
 
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
+
+
 class TransferCLI(LightningCLI):
     """LightningCLI with tlmodules' links and defaults (TensorBoard under ``runs/``, best and last checkpoints)."""
 
@@ -41,6 +44,19 @@ class TransferCLI(LightningCLI):
         # replace it with one flat group over model.parameters() and silently drop all of that.
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check a local ``ckpt_path`` (readable, weights only) before Lightning reads its
+        hyperparameters: a truncated or foreign file is a usage error naming the file."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        local = isinstance(ckpt_path, str) and "://" not in ckpt_path and not ckpt_path.startswith("registry")
+        if local and ckpt_path not in LIGHTNING_CKPT_NAMES:
+            try:
+                load_checkpoint(ckpt_path)
+            except (BackboneError, FileNotFoundError) as err:
+                parser.error(f"ckpt_path: {err}")
 
     def before_instantiate_classes(self) -> None:
         """Check the backbone spec (and weights name) before anything is built: a usage error, not a traceback."""
