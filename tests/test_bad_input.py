@@ -209,6 +209,10 @@ def model_with_more_classes_than_data(env: Env) -> None:
     fit_lenet(env, image_data(env.images(classes=("a", "b"))), num_classes=3)
 
 
+def model_with_one_class(env: Env) -> None:
+    FineTuneModule(backbone="builtin:lenet", num_classes=1)
+
+
 def model_with_fewer_classes_than_data(env: Env) -> None:
     fit_lenet(env, image_data(env.images(classes=("a", "b", "c"))), num_classes=2)
 
@@ -579,6 +583,12 @@ CASES = [
             r"set num_classes=3",
         ),
         id="model-num-classes-smaller-than-the-labels",
+    ),
+    pytest.param(
+        Bad(
+            model_with_one_class, ValueError, r"num_classes=1: a classifier needs at least 2 classes.*Leave num_classes"
+        ),
+        id="model-num-classes-one",
     ),
     pytest.param(
         Bad(

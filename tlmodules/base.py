@@ -234,6 +234,11 @@ class TransferModule(pl.LightningModule):
 
     def size_classifier(self, num_classes: int) -> None:
         """Build the classifier and its metrics for ``num_classes`` and record the number."""
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"num_classes={num_classes!r}: a classifier needs at least 2 classes (softmax over the labels). "
+                "Leave num_classes out to take it from the data, or give the label set's size"
+            )
         self.build_classifier(num_classes)
         self._num_classes = num_classes
         self.update_hparams(num_classes=num_classes)
