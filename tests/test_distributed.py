@@ -229,3 +229,27 @@ def test_multitask_ranks_stay_identical_with_partial_labels(tmp_path: Path, weig
     # validation metrics are synchronised over the whole validation set
     for key, value in r0["full_val"].items():
         assert r0["metrics"][key] == r1["metrics"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_train_py_under_torchrun_ends_with_the_same_weights_on_both_ranks(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 train.py fit`` on the quickstart recipe (4 DANN steps, CPU, gloo)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"}}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "scripts"), str(root)]))
+    weights = tmp_path / "weights"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(root / "train.py"), "fit", "--config", str(root / "configs" / "quickstart.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_steps", "4", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.callbacks+=rank_weights.SaveRankWeights", "--trainer.callbacks.folder", str(weights),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    ranks = [torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["pid"] != ranks[1]["pid"] and all(r["global_step"] == 4 for r in ranks)
+    assert max_diff(ranks[0]["state"], ranks[1]["state"]) == 0.0  # DDP kept the replicas identical
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert max_diff({k: saved[k] for k in ranks[0]["state"]}, ranks[0]["state"]) == 0.0  # the checkpoint holds them

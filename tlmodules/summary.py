@@ -62,7 +62,10 @@ class RunSummary(pl.Callback):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         summary = self.summary(trainer, pl_module)
-        log_dir = Path(trainer.log_dir) if trainer.log_dir and trainer.logger is not None else None
+        # the logger's own folder: Trainer.log_dir broadcasts from rank 0 under DDP, a collective that would
+        # wait forever here (only rank 0 runs this hook) for the other ranks
+        folder = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+        log_dir = Path(folder) if folder else None
         rows = [(str(log_dir) if log_dir else "this run", summary)]
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
