@@ -18,7 +18,8 @@ from datamodules.tables import DataError, Table, TableFormat, read_table
 from datamodules.text import PadCollator, TextClassificationDataModule
 from tlmodules.backbones import resolve_preprocessing
 
-TASK_KINDS = ("multiclass", "binary", "regression")
+TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
+MULTILABEL_SEPARATOR = "|"  # "a|c": labels a and c; in JSON lines a list ["a", "c"] works too
 INPUT_KINDS = ("numeric", "text", "image")
 IGNORE_INDEX = -100  # a missing multiclass label (cross-entropy's ignore_index)
 BINARY_WORDS = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
@@ -31,6 +32,16 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return isinstance(value, float) and math.isnan(value)
+
+
+def label_tokens(value: Any, separator: str) -> list[str] | None:
+    """A multilabel cell as its labels: ``"a|c"`` or ``["a", "c"]`` → ``["a", "c"]``; ``"|"`` or ``[]`` → ``[]``
+    (none of the labels); an empty cell or null → ``None`` (missing)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    if is_missing(value):
+        return None
+    return [token.strip() for token in str(value).split(separator) if token.strip()]
 
 
 def to_number(value: Any) -> float:
@@ -123,6 +134,9 @@ class MultiTaskDataModule(ClassificationDataModule):
       distinct values of the training file); a missing label is ``-100`` (ignored).
     * ``binary``: float32 0.0/1.0 from 0/1, true/false, yes/no (any case), or, when the training column holds
       exactly two other values, from those two in sorted order; a missing label is NaN.
+    * ``multilabel``: ``(K,)`` float32 0/1 over the task's label names (its ``labels`` when given, else the
+      sorted labels of the training file), from cells like ``"a|c"`` (the task's ``separator``, default ``|``)
+      or JSON lists; ``"|"`` or ``[]`` is none of the labels, and a missing cell is a row of NaN.
     * ``regression``: float32 values; a missing label is NaN.
 
     A missing label is an empty cell or a JSON ``null``; a row with every label missing is kept. The predict
@@ -151,9 +165,10 @@ class MultiTaskDataModule(ClassificationDataModule):
         train_file: the training table; without ``val_file``, a seeded ``val_fraction`` of its rows is
             held out for validation (``val_fraction=0``: none).
         val_file, test_file, predict_file: optional tables with the same columns (predict: inputs only).
-        tasks: ``[{"name": str, "kind": "multiclass" | "binary" | "regression", "column": str,
-            "labels": [...] (optional: a multiclass task's fixed class list; a binary task's two values,
-            negative first)}, ...]``; other keys pass through untouched.
+        tasks: ``[{"name": str, "kind": "multiclass" | "binary" | "multilabel" | "regression", "column": str,
+            "labels": [...] (optional: a multiclass or multilabel task's fixed label list; a binary task's two
+            values, negative first), "separator": str (multilabel cells, default "|")}, ...]``; other keys
+            pass through untouched.
         input_kind: ``numeric``, ``text`` or ``image``.
         feature_columns: the numeric input columns (``None``: every column that no task uses).
         text_column: the text column (``input_kind="text"``).
@@ -329,6 +344,16 @@ class MultiTaskDataModule(ClassificationDataModule):
             return {**task, "num_outputs": 1, "class_names": None}
         values = train.column(column, "label")
         given = task.get("labels")
+        if kind == "multilabel":
+            separator = task.get("separator", MULTILABEL_SEPARATOR)
+            seen = sorted({t for v in values for t in (label_tokens(v, separator) or [])})
+            names = [str(v) for v in given] if given is not None else seen
+            if len(set(names)) != len(names) or len(names) < 2:
+                raise DataError(
+                    f"multilabel task {name!r} has labels {names}; it needs two or more distinct labels (cells like "
+                    f"'a{separator}c', or JSON lists): fix the column {column!r} or give 'labels'"
+                )
+            return {**task, "num_outputs": len(names), "class_names": names}
         if kind == "multiclass":
             names = [str(v) for v in given] if given is not None else label_set(values)
             source = f"labels={names}" if given is not None else f"column {column!r} of {train.path}"
@@ -366,9 +391,13 @@ class MultiTaskDataModule(ClassificationDataModule):
         if stage == "predict":
             if kind == "multiclass":
                 return torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+            if kind == "multilabel":
+                return torch.full((n, task["num_outputs"]), math.nan, dtype=torch.float32)
             return torch.full((n,), math.nan, dtype=torch.float32)
         values = table.column(task["column"], "label")
         where = f"{table.path} (task {task['name']!r}, column {task['column']!r})"
+        if kind == "multilabel":
+            return self._multilabel_rows(task, values, where)
         if kind == "regression":
             return torch.tensor([self._regression_value(v, row, where) for row, v in enumerate(values, 1)])
         missing = [is_missing(v) for v in values]
@@ -404,6 +433,26 @@ class MultiTaskDataModule(ClassificationDataModule):
         mean = float(values.mean()) if len(values) else 0.0
         std = float(values.std(unbiased=False)) if len(values) > 1 else 0.0
         return {**task, "target_mean": mean, "target_std": std if std > 0 else 1.0}
+
+    @staticmethod
+    def _multilabel_rows(task: dict[str, Any], values: Sequence[Any], where: str) -> torch.Tensor:
+        """``(N, K)`` float32 0/1 rows of a multilabel column; a missing cell gives a row of NaN."""
+        names = task["class_names"]
+        position = {label: k for k, label in enumerate(names)}
+        rows = torch.zeros(len(values), len(names))
+        for row, value in enumerate(values):
+            tokens = label_tokens(value, task.get("separator", MULTILABEL_SEPARATOR))
+            if tokens is None:
+                rows[row] = math.nan
+                continue
+            unknown = [t for t in tokens if t not in position]
+            if unknown:
+                raise DataError(
+                    f"labels {unknown} in {where} (data row {row + 1}, header excluded) are not in the task's "
+                    f"label set {names}: fix the row, or list them in the task's 'labels'"
+                )
+            rows[row, [position[t] for t in tokens]] = 1.0
+        return rows
 
     @staticmethod
     def _regression_value(value: Any, row: int, where: str) -> float:

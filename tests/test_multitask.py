@@ -255,15 +255,18 @@ def test_predictions_are_written_per_task_in_the_targets_units(tmp_path: Path) -
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 3, generator=g)
-    lines = ["a,b,c,colour,flag,price"]
+    lines = ["a,b,c,colour,flag,price,tags"]
     for i, row in enumerate(x.tolist()):
-        lines.append(",".join(f"{v:.4f}" for v in row) + f",{'rgb'[i % 3]},{'yes' if row[0] > 0 else 'no'},{100 + i}")
+        tags = "|".join(t for t, v in zip("uvw", row) if v > 0)
+        cells = f",{'rgb'[i % 3]},{'yes' if row[0] > 0 else 'no'},{100 + i},{tags or '|'}"
+        lines.append(",".join(f"{v:.4f}" for v in row) + cells)
     (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "new.csv").write_text("a,b,c\n" + "\n".join(",".join(f"{v:.4f}" for v in r) for r in x[:5].tolist()))
     tasks = [
         {"name": "colour", "kind": "multiclass", "column": "colour"},
         {"name": "flag", "kind": "binary", "column": "flag"},
         {"name": "price", "kind": "regression", "column": "price"},
+        {"name": "tags", "kind": "multilabel", "column": "tags"},
     ]
     data = MultiTaskDataModule(
         train_file=str(tmp_path / "train.csv"),
@@ -281,7 +284,17 @@ def test_predictions_are_written_per_task_in_the_targets_units(tmp_path: Path) -
     with target.open(newline="") as handle:
         header, *rows = list(csv.reader(handle))
     colour = ["colour", "colour_prob_b", "colour_prob_g", "colour_prob_r"]
-    assert header == ["id", *colour, "flag", "flag_prob_yes", "price"]
+    assert header == [
+        "id",
+        *colour,
+        "flag",
+        "flag_prob_yes",
+        "price",
+        "tags",
+        "tags_prob_u",
+        "tags_prob_v",
+        "tags_prob_w",
+    ]
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]  # data rows of the predict file
     model.eval()
     with torch.no_grad():
@@ -295,6 +308,9 @@ def test_predictions_are_written_per_task_in_the_targets_units(tmp_path: Path) -
     price = torch.tensor([float(r[7]) for r in rows])
     torch.testing.assert_close(price, out["price"], atol=1e-3, rtol=1e-5)
     assert price.min() > 50  # in the column's units (mean 114.5), not standardised
+    tags = torch.tensor([[float(v) for v in r[9:12]] for r in rows])
+    torch.testing.assert_close(tags, out["tags"].sigmoid(), atol=1e-5, rtol=1e-5)
+    assert [r[8] for r in rows] == ["|".join(t for t, p in zip("uvw", probs) if p >= 0.5) for probs in tags.tolist()]
 
 
 def test_bf16_mixed_reaches_the_fp32_validation_metrics() -> None:
@@ -319,3 +335,46 @@ def test_bf16_mixed_reaches_the_fp32_validation_metrics() -> None:
     assert abs(bf16["val/digit/acc"] - fp32["val/digit/acc"]) <= 0.05
     assert abs(bf16["val/flag/acc"] - fp32["val/flag/acc"]) <= 0.05
     assert bf16["val/load/rmse"] == pytest.approx(fp32["val/load/rmse"], rel=0.15)
+
+
+def multilabel_samples(n: int, seed: int, missing: float = 0.0) -> list[dict[str, Any]]:
+    """Features ``(6,)``; tags = which of the first three features are positive (0/1 per label); a ``missing``
+    share of rows lacks its tags (a row of NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN_FEATURES, generator=g)
+    tags = (x[:, :3] > 0).float()
+    tags[torch.rand(n, generator=g) < missing] = math.nan
+    load = 2 * x[:, 3] + x[:, 4]
+    return [{"inputs": x[i], "labels": {"tags": tags[i], "load": load[i]}, "index": i} for i in range(n)]
+
+
+MULTILABEL_TASKS = [
+    {"name": "tags", "kind": "multilabel", "num_outputs": 3},
+    {"name": "load", "kind": "regression", "num_outputs": 1},
+]
+
+
+def test_multilabel_task_learns_each_label_and_ignores_missing_rows() -> None:
+    pl.seed_everything(0)
+    model = make_model(tasks=MULTILABEL_TASKS, weighting="uncertainty", lr=0.03)
+    batch = collate(multilabel_samples(8, seed=0))
+    assert model(batch["inputs"])["tags"].shape == (8, 3)
+    # a row without tags changes nothing in the tags head's gradient
+    full = grads_of(model, batch)
+    partial = {**batch, "labels": {**batch["labels"], "tags": batch["labels"]["tags"].clone()}}
+    partial["labels"]["tags"][:3] = math.nan
+    kept = collate(multilabel_samples(8, seed=0)[3:])
+    masked, reference = grads_of(model, partial), grads_of(model, kept)
+    for name in reference:
+        if name.startswith("heads.tags"):
+            assert torch.allclose(masked[name], reference[name], atol=1e-6), name
+    assert not torch.allclose(masked["heads.tags.net.1.weight"], full["heads.tags.net.1.weight"])
+    # it learns: per-label accuracy and macro-F1 on held-out rows
+    run = trainer(max_epochs=20)
+    train, val = multilabel_samples(256, seed=1, missing=0.2), multilabel_samples(128, seed=2)
+    run.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=128))
+    metrics = run.callback_metrics
+    assert float(metrics["val/tags/acc"]) >= 0.9 and float(metrics["val/tags/f1_macro"]) >= 0.9
+    probs = torch.sigmoid(model(collate(val)["inputs"])["tags"])
+    expected = float(((probs >= 0.5).float() == collate(val)["labels"]["tags"]).float().mean())
+    assert float(metrics["val/tags/acc"]) == pytest.approx(expected, abs=1e-6)  # the mean over labels and rows

@@ -232,6 +232,30 @@ def test_jsonl_labels_with_nulls(tmp_path):
     torch.testing.assert_close(dm.targets["train"]["v"], torch.tensor([2.0, math.nan, 4.5]), equal_nan=True)
 
 
+def test_multilabel_cells_lists_and_missing_rows(tmp_path):
+    csv_path = write(tmp_path / "train.csv", "x,tags\n1,news|sport\n2,\n3,|\n4,tech\n5, sport | tech \n")
+    tasks = [{"name": "tags", "kind": "multilabel", "column": "tags"}]
+    dm = MultiTaskDataModule(train_file=str(csv_path), tasks=tasks, val_fraction=0, batch_size=5)
+    assert dm.tasks[0]["class_names"] == ["news", "sport", "tech"] and dm.tasks[0]["num_outputs"] == 3
+    expected = [[1, 1, 0], [math.nan] * 3, [0, 0, 0], [0, 0, 1], [0, 1, 1]]  # "" missing; "|" none of them
+    torch.testing.assert_close(dm.targets["train"]["tags"], torch.tensor(expected), equal_nan=True)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["labels"]["tags"].shape == (5, 3)
+    records = [{"x": 1, "tags": ["b", "a"]}, {"x": 2, "tags": []}, {"x": 3, "tags": None}, {"x": 4, "tags": "a;b"}]
+    jsonl = write_jsonl(tmp_path / "train.jsonl", records)
+    spec = [{"name": "tags", "kind": "multilabel", "column": "tags", "separator": ";"}]
+    dm = MultiTaskDataModule(train_file=str(jsonl), tasks=spec, val_fraction=0)
+    torch.testing.assert_close(
+        dm.targets["train"]["tags"], torch.tensor([[1, 1], [0, 0], [math.nan] * 2, [1, 1]]), equal_nan=True
+    )
+    val = write(tmp_path / "val.csv", "x,tags\n1,news|weather\n")
+    with pytest.raises(DataError, match=r"labels \['weather'\] in .*val\.csv.*data row 1.*not in the task's label set"):
+        MultiTaskDataModule(train_file=str(csv_path), val_file=str(val), tasks=tasks)
+    one = write(tmp_path / "one.csv", "x,tags\n1,news\n2,news\n")
+    with pytest.raises(DataError, match=r"multilabel task 'tags' has labels \['news'\]; it needs two or more"):
+        MultiTaskDataModule(train_file=str(one), tasks=tasks, val_fraction=0)
+
+
 # -- errors ------------------------------------------------------------------------------------------------
 def test_task_naming_a_missing_column(tmp_path):
     path = numeric_table(tmp_path / "train.csv", n=6)

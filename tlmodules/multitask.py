@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
-from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelF1Score,
+)
 
 from tlmodules.backbones import Backbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule
@@ -18,7 +25,7 @@ from tlmodules.nets import MLPFeatures
 from tlmodules.schedules import LRSchedule
 from tlmodules.weighting import STRATEGIES, LossWeighting, build_weighting
 
-TASK_KINDS = ("multiclass", "binary", "regression")
+TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
 IGNORE_INDEX = -100
 
 
@@ -35,9 +42,10 @@ def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"every task needs a unique name; got {name!r} in {[t.get('name') for t in tasks]}")
         if kind not in TASK_KINDS:
             raise ValueError(f"task {name!r} has kind {kind!r}; choose one of {list(TASK_KINDS)}")
-        outputs = task.get("num_outputs") or (1 if kind != "multiclass" else None)
-        if not isinstance(outputs, int) or outputs < 1 or (kind == "multiclass" and outputs < 2):
-            raise ValueError(f"task {name!r} ({kind}) needs num_outputs >= {2 if kind == 'multiclass' else 1}")
+        outputs = task.get("num_outputs") or (1 if kind in ("binary", "regression") else None)
+        least = 2 if kind in ("multiclass", "multilabel") else 1
+        if not isinstance(outputs, int) or outputs < least:
+            raise ValueError(f"task {name!r} ({kind}) needs num_outputs >= {least}")
         std = torch.as_tensor(task.get("target_std", 1.0), dtype=torch.float64)
         if kind == "regression" and not bool((std > 0).all()):
             raise ValueError(f"task {name!r} has target_std={task['target_std']!r}; it must be positive")
@@ -57,6 +65,9 @@ def task_metrics(task: Mapping[str, Any], prefix: str) -> MetricCollection:
         }
     elif task["kind"] == "binary":
         metrics = {"acc": BinaryAccuracy(), "f1_macro": BinaryF1Score()}
+    elif task["kind"] == "multilabel":  # acc: the mean over labels of per-label accuracy
+        n = task["num_outputs"]
+        metrics = {"acc": MultilabelAccuracy(n, average="micro"), "f1_macro": MultilabelF1Score(n, average="macro")}
     else:
         outputs = task["num_outputs"]
         metrics = {
@@ -72,15 +83,17 @@ class MultiTaskModule(TransferModule):
     per-task losses combined by a weighting strategy (:mod:`tlmodules.weighting`).
 
     ``inputs → trunk → features (B, W) → head_t → outputs_t``: ``(B, C_t)`` logits for ``multiclass``,
-    ``(B,)`` logits for ``binary``, ``(B,)`` or ``(B, D_t)`` values for ``regression``. A regression head
-    learns standardised targets ``(y - target_mean) / target_std`` (the task's statistics, which
-    ``MultiTaskDataModule`` takes from the training split), so tasks of any scale train alike and the loss is
-    the mean squared error in standard units; outputs, metrics and predictions are in the target's own units.
+    ``(B,)`` logits for ``binary``, ``(B, K_t)`` logits (one per label) for ``multilabel``, ``(B,)`` or
+    ``(B, D_t)`` values for ``regression``. A regression head learns standardised targets
+    ``(y - target_mean) / target_std`` (the task's statistics, which ``MultiTaskDataModule`` takes from the
+    training split), so tasks of any scale train alike and the loss is the mean squared error in standard
+    units; outputs, metrics and predictions are in the target's own units. A multilabel task's loss is the
+    binary cross-entropy averaged over samples and labels; its labels are ``(B, K_t)`` 0/1 floats.
 
     Batches are ``{"inputs": ..., "labels": {task: tensor}}``. **Partial labels**: a missing label is
-    ``-100`` (multiclass) or NaN (binary, regression); such samples add nothing to that task's loss or
-    metrics, and a task with no label in a batch has no loss there (the weighting skips it) while its
-    head still takes part in the graph with a zero gradient, so DDP sees every parameter used.
+    ``-100`` (multiclass) or NaN (binary, regression; a row of NaN for multilabel); such samples add nothing
+    to that task's loss or metrics, and a task with no label in a batch has no loss there (the weighting skips
+    it) while its head still takes part in the graph with a zero gradient, so DDP sees every parameter used.
 
     Logged: ``train/loss``, ``train/<task>/loss``, ``train/weight/<task>`` every step (and what the
     weighting adds, e.g. ``train/log_var/<task>``); ``<stage>/<task>/<metric>`` (acc, f1_macro; mae,
@@ -197,7 +210,8 @@ class MultiTaskModule(TransferModule):
         outputs = {}
         for task in self.tasks:
             out = self.heads[task["name"]](features)
-            out = out.squeeze(-1) if task["kind"] != "multiclass" and out.shape[-1] == 1 else out
+            single = task["kind"] in ("binary", "regression") and out.shape[-1] == 1
+            out = out.squeeze(-1) if single else out
             if task["kind"] == "regression":  # the head predicts standardised values
                 mean, std = self.target_scale(task, out)
                 out = out * std + mean
@@ -231,7 +245,7 @@ class MultiTaskModule(TransferModule):
         output, labels = output[mask].float(), labels[mask]
         if task["kind"] == "multiclass":
             return F.cross_entropy(output, labels.long())
-        if task["kind"] == "binary":
+        if task["kind"] in ("binary", "multilabel"):  # multilabel: the mean over samples and labels
             return F.binary_cross_entropy_with_logits(output, labels.float())
         _, std = self.target_scale(task, output)  # mean squared error of standardised values
         return F.mse_loss(output / std, labels.float() / std)
@@ -289,7 +303,7 @@ class MultiTaskModule(TransferModule):
             if not bool(mask.any()):
                 continue
             output, target = outputs[name][mask].float(), labels[mask]
-            if task["kind"] == "binary":
+            if task["kind"] in ("binary", "multilabel"):
                 output, target = output.sigmoid(), target.long()
             self.metrics[f"{stage}_{name}"].update(output, target)
 
@@ -330,7 +344,11 @@ class MultiTaskModule(TransferModule):
         for task in self.tasks:
             out = outputs[task["name"]].float()
             result[task["name"]] = (
-                out.softmax(-1) if task["kind"] == "multiclass" else out.sigmoid() if task["kind"] == "binary" else out
+                out.softmax(-1)
+                if task["kind"] == "multiclass"
+                else out.sigmoid()
+                if task["kind"] in ("binary", "multilabel")
+                else out
             )
         return result
 

@@ -97,13 +97,13 @@ def class_rows(
 def task_rows(
     batches: Sequence[dict[str, Any]], tasks: Sequence[dict[str, Any]], to_id: Callable[[int], str]
 ) -> tuple[list[str], Rows]:
-    """Multi-task predictions, per task: ``<task>`` (the predicted class, or the value of a regression) then
-    ``<task>_prob_<class>`` for every class (binary: the positive class's only); a regression with several
-    outputs gives ``<task>_0``, ``<task>_1``, …"""
+    """Multi-task predictions, per task: ``<task>`` (the predicted class; for multilabel every label of
+    probability ≥ 0.5 joined by ``|``; the value of a regression) then ``<task>_prob_<class>`` for every class
+    (binary: the positive class's only); a regression with several outputs gives ``<task>_0``, ``<task>_1``, …"""
     header = ["id"]
     for task in tasks:
         name, names = task["name"], task.get("class_names") or []
-        if task["kind"] == "multiclass":
+        if task["kind"] in ("multiclass", "multilabel"):
             header += [name, *(f"{name}_prob_{c}" for c in names or range(task["num_outputs"]))]
         elif task["kind"] == "binary":
             header += [name, f"{name}_prob_{names[1] if len(names) == 2 else 1}"]
@@ -115,6 +115,9 @@ def task_rows(
         if task["kind"] == "multiclass":
             best = max(range(len(value)), key=value.__getitem__)
             return [names[best] if best < len(names) else str(best), *(f"{p:.6f}" for p in value)]
+        if task["kind"] == "multilabel":  # every label with probability >= 0.5, joined by "|"
+            chosen = [names[k] if k < len(names) else str(k) for k, p in enumerate(value) if p >= 0.5]
+            return ["|".join(chosen), *(f"{p:.6f}" for p in value)]
         if task["kind"] == "binary":
             label = int(value >= 0.5)
             return [names[label] if len(names) == 2 else str(label), f"{value:.6f}"]
