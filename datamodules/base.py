@@ -24,6 +24,11 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def files_digest(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """:func:`file_digest` of one file or of each of several files."""
+    return [file_digest(paths)] if isinstance(paths, (str, os.PathLike)) else [file_digest(p) for p in paths]
+
+
 def hash_json(value: Any) -> str:
     """SHA-256 of a JSON-serialisable value."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
@@ -163,6 +168,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         path = files.get(source)
         if path is None:
             return None
+        if not isinstance(path, (str, os.PathLike)):  # several files merged into one split
+            return hash_json([source, [str(os.path.abspath(p)) for p in path], files_digest(path), *settings])
         return hash_json([source, str(os.path.abspath(path)), file_digest(path), *settings])
 
     def prediction_id(self, index: int) -> str:

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from datamodules.base import ClassificationDataModule, file_digest, label_set, map_labels, seeded_split
+from datamodules.base import ClassificationDataModule, files_digest, label_set, map_labels, seeded_split
 from datamodules.images import build_image_transform
-from datamodules.tables import DataError, Table, TableFormat, read_table
+from datamodules.tables import DataError, Table, TableFormat, merge_tables, read_table
 from datamodules.text import PadCollator, TextClassificationDataModule
 from tlmodules.backbones import resolve_preprocessing
 
@@ -32,6 +32,11 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return isinstance(value, float) and math.isnan(value)
+
+
+def is_one(paths: Any) -> bool:
+    """One file path (not a list of several)."""
+    return isinstance(paths, (str, Path))
 
 
 def label_tokens(value: Any, separator: str) -> list[str] | None:
@@ -124,7 +129,13 @@ class MultiTaskPadCollator(PadCollator):
 
 
 class MultiTaskDataModule(ClassificationDataModule):
-    """One table (CSV, TSV or JSON lines) with one input and one label column per task.
+    """One table (CSV, TSV or JSON lines) with one input and one label column per task, or several
+    single-task tables merged.
+
+    Merging: give a list of files for a split (``train_file: [sentiment.csv, topics.csv]``). Columns are
+    matched by header name; every file needs the input column(s), and a task's label column may live in some
+    of the files only: rows of the others lack that task's label (missing, as an empty cell), so each sample
+    carries its own labels and trains only the tasks it has.
 
     Batches are ``{"inputs": ..., "labels": {task name: (B,) tensor}, "index": (B,)}``; ``index`` is the
     0-based data row of the sample in its file (a validation split held out of ``train_file`` indexes
@@ -162,9 +173,10 @@ class MultiTaskDataModule(ClassificationDataModule):
     label tensor of a file.
 
     Args:
-        train_file: the training table; without ``val_file``, a seeded ``val_fraction`` of its rows is
-            held out for validation (``val_fraction=0``: none).
-        val_file, test_file, predict_file: optional tables with the same columns (predict: inputs only).
+        train_file: the training table (or a list of tables to merge); without ``val_file``, a seeded
+            ``val_fraction`` of its rows is held out for validation (``val_fraction=0``: none).
+        val_file, test_file, predict_file: optional tables (or lists) with the same columns (predict: inputs
+            only); a merged predict split's row ids count on through the files in order.
         tasks: ``[{"name": str, "kind": "multiclass" | "binary" | "multilabel" | "regression", "column": str,
             "labels": [...] (optional: a multiclass or multilabel task's fixed label list; a binary task's two
             values, negative first), "separator": str (multilabel cells, default "|")}, ...]``; other keys
@@ -184,10 +196,10 @@ class MultiTaskDataModule(ClassificationDataModule):
 
     def __init__(
         self,
-        train_file: str,
-        val_file: str | None = None,
-        test_file: str | None = None,
-        predict_file: str | None = None,
+        train_file: str | list[str],
+        val_file: str | list[str] | None = None,
+        test_file: str | list[str] | None = None,
+        predict_file: str | list[str] | None = None,
         tasks: list[dict[str, Any]] | None = None,
         input_kind: Literal["numeric", "text", "image"] = "numeric",
         feature_columns: list[str] | None = None,
@@ -214,19 +226,21 @@ class MultiTaskDataModule(ClassificationDataModule):
             raise DataError("give train_file: the task label sets and the feature scaling come from it")
         self.input_kind = input_kind
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
-        self.tables: dict[str, Table] = {
-            stage: read_table(path, file_format, header, role=stage)
-            for stage, path in self.files.items()
-            if path is not None
+        self.parts: dict[str, list[Table]] = {  # each stage's files; several are merged into one table
+            stage: [read_table(p, file_format, header, role=stage) for p in ([paths] if is_one(paths) else paths)]
+            for stage, paths in self.files.items()
+            if paths is not None
         }
+        self.tables: dict[str, Table] = {stage: merge_tables(parts, stage) for stage, parts in self.parts.items()}
         train = self.tables["train"]
         specs = self._check_task_specs(tasks, train)
         self.binary_words: set[str] = set()  # binary tasks read as 0/1, true/false, yes/no
         self.input_columns = self._input_columns(specs, train, feature_columns, text_column, image_column)
         self.num_features: int | None = len(self.input_columns) if input_kind == "numeric" else None
         for stage, table in self.tables.items():
-            for column in self.input_columns:
-                self._require_column(table, column, "input column", self._input_fix())
+            for column in self.input_columns:  # in every file; a label column in one file of a stage at least
+                for part in self.parts[stage]:
+                    self._require_column(part, column, "input column", self._input_fix())
             if stage != "predict":
                 for task in specs:
                     fix = "set the task's 'column' to one of them"
@@ -510,7 +524,7 @@ class MultiTaskDataModule(ClassificationDataModule):
                     f"image column {column!r} of {table.path} is empty in data row {row} (header excluded); "
                     "give every row an image path"
                 )
-            path = table.path.parent / str(value).strip()
+            path = table.row_source(row - 1).parent / str(value).strip()
             if not path.is_file():
                 raise DataError(
                     f"image {str(value)!r} in column {column!r} of {table.path} (data row {row}, header excluded) "
@@ -627,7 +641,7 @@ class MultiTaskDataModule(ClassificationDataModule):
             settings += [self.scaler.mean.tolist(), self.scaler.std.tolist()]
         else:
             val = self.files["val"]
-            settings += [file_digest(self.files["train"]), val and file_digest(val), hp.val_fraction, hp.seed]
+            settings += [files_digest(self.files["train"]), val and files_digest(val), hp.val_fraction, hp.seed]
         return self.file_fingerprint(stage, *settings)
 
     def prediction_id(self, index: int) -> str:

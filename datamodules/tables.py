@@ -23,6 +23,11 @@ class Table:
     columns: list[str]
     rows: list[list[Any]]
     has_header: bool
+    sources: list[Path] | None = None  # merged tables: each row's own file (relative paths start at its folder)
+
+    def row_source(self, row: int) -> Path:
+        """The file that data row ``row`` (0-based) came from."""
+        return self.sources[row] if self.sources is not None else self.path
 
     def column_index(self, key: str | int, role: str) -> int:
         """Position of column ``key`` (a header name, or an int position); ``role`` names it in errors."""
@@ -118,3 +123,27 @@ def _read_jsonl(path: Path, role: str) -> Table:
     for record in records:
         columns.extend(k for k in record if k not in columns)
     return Table(path, columns, [[r.get(c) for c in columns] for r in records], True)
+
+
+def merge_tables(tables: list[Table], role: str = "data") -> Table:
+    """Several tables as one: the union of their columns (first-seen order), each row with ``None`` in the
+    columns its file lacks (a missing value), and ``sources`` naming each row's file. Columns are matched by
+    header name, so every file needs a header."""
+    if not tables:
+        raise DataError(f"the {role} file list is empty; give one file or several")
+    if len(tables) == 1:
+        return tables[0]
+    headless = [str(t.path) for t in tables if not t.has_header]
+    if headless:
+        raise DataError(f"merging {role} files matches columns by name, but {headless} are read without a header")
+    columns: list[str] = []
+    for table in tables:
+        columns += [c for c in table.columns if c not in columns]
+    rows, sources = [], []
+    for table in tables:
+        position = {c: i for i, c in enumerate(table.columns)}
+        for row in table.rows:
+            rows.append([row[position[c]] if c in position and position[c] < len(row) else None for c in columns])
+            sources.append(table.path)
+    name = Path(" + ".join(str(t.path) for t in tables))
+    return Table(name, columns, rows, True, sources)

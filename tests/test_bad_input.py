@@ -533,7 +533,8 @@ CASES = [
         Bad(
             lambda env: numeric_data(env, tasks=[{"name": "colour", "kind": "ordinal", "column": "colour"}]),
             DataError,
-            r"task 'colour' has unknown kind 'ordinal'; choose one of \['multiclass', 'binary', 'regression'\]",
+            r"task 'colour' has unknown kind 'ordinal'; choose one of \['multiclass', 'binary', 'multilabel', "
+            r"'regression'\]",
         ),
         id="multitask-unknown-task-kind",
     ),

@@ -256,6 +256,35 @@ def test_multilabel_cells_lists_and_missing_rows(tmp_path):
         MultiTaskDataModule(train_file=str(one), tasks=tasks, val_fraction=0)
 
 
+def test_single_task_tables_merged_each_row_keeping_its_own_labels(tmp_path):
+    (tmp_path / "colours").mkdir()
+    (tmp_path / "prices").mkdir()
+    colours = write(tmp_path / "colours" / "train.csv", "a,b,colour\n1,10,red\n2,20,blue\n3,30,red\n")
+    prices = write(tmp_path / "prices" / "train.csv", "b,a,price,note\n40,4,1.5\n50,5,2.5\n")  # other order
+    tasks = [
+        {"name": "colour", "kind": "multiclass", "column": "colour"},
+        {"name": "price", "kind": "regression", "column": "price"},
+    ]
+    dm = MultiTaskDataModule(
+        train_file=[str(colours), str(prices)], tasks=tasks, feature_columns=["a", "b"], val_fraction=0, batch_size=5
+    )
+    assert dm.targets["train"]["colour"].tolist() == [1, 0, 1, -100, -100]  # the price rows lack a colour
+    torch.testing.assert_close(dm.targets["train"]["price"], torch.tensor([math.nan] * 3 + [1.5, 2.5]), equal_nan=True)
+    assert dm.tables["train"].row_source(0) == colours and dm.tables["train"].row_source(4) == prices
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    raw = torch.tensor([[1.0, 10], [2, 20], [3, 30], [4, 40], [5, 50]])  # columns matched by name, not position
+    expected = (raw - raw.mean(0)) / raw.std(0, correction=0)
+    torch.testing.assert_close(batch["inputs"][batch["index"].argsort()], expected, atol=1e-5, rtol=1e-5)
+    before = dm.fingerprint("train")
+    prices.write_text("b,a,price,note\n40,4,1.5\n50,5,9.5\n")
+    changed = MultiTaskDataModule(train_file=[str(colours), str(prices)], tasks=tasks, feature_columns=["a", "b"])
+    assert changed.fingerprint("train") != before  # any of the files changes the cache key
+    lacking = write(tmp_path / "bad.csv", "a,price\n1,2\n")
+    with pytest.raises(DataError, match=r"input column 'b' is not in .*bad\.csv"):
+        MultiTaskDataModule(train_file=[str(colours), str(lacking)], tasks=tasks, feature_columns=["a", "b"])
+
+
 # -- errors ------------------------------------------------------------------------------------------------
 def test_task_naming_a_missing_column(tmp_path):
     path = numeric_table(tmp_path / "train.csv", n=6)
