@@ -12,7 +12,7 @@ is left out) on one shared trunk, and ``single_task``: one model per task with t
 through the very same ``MultiTaskModule`` pipeline (a task list of one). Its seconds and parameters are the
 sum of its two models: the price of two trunks.
 
-    python bench/multitask.py                      # both problems (about 25 minutes on 2 cores)
+    python bench/multitask.py                      # both problems (about 20 minutes on 2 cores)
     python bench/multitask.py --problems energy --folds 2
 
 Writes ``bench/results/multitask.json``: ``results[problem][method][task] = {metric: mean}`` (and
@@ -73,7 +73,7 @@ SENTENCE_SETTINGS = {
         "warmup_fraction": 0.1,
     },
     "batch_size": 16,
-    "epochs": 2,
+    "epochs": 1,
     "max_length": 64,
 }
 
@@ -169,14 +169,14 @@ def run_method(method: str, train_file: Path, test_file: Path, tasks: list[dict]
 
 
 # -- the two problems -------------------------------------------------------------------------------------------
-def energy(methods: list[str], folds: int, seed: int, folder: Path, log) -> dict:
+def energy(methods: list[str], folds: int, seed: int, folder: Path, log, settings: dict = ENERGY_SETTINGS) -> dict:
     splits = energy_folds(folder, folds, seed)
     out: dict = {}
     for method in methods:
         runs = []
         for k, (train_file, test_file) in enumerate(splits):
             run = run_method(
-                method, train_file, test_file, ENERGY_TASKS, settings=ENERGY_SETTINGS, input_kind="numeric", seed=seed
+                method, train_file, test_file, ENERGY_TASKS, settings=settings, input_kind="numeric", seed=seed
             )
             rmse = {t: round(m["rmse"], 3) for t, m in run["metrics"].items()}
             log(f"energy {method} fold {k}: RMSE {rmse} in {run['seconds']:.0f} s")
@@ -211,18 +211,18 @@ def sentences(methods: list[str], seed: int, folder: Path, log) -> dict:
 # -- report -----------------------------------------------------------------------------------------------------
 def markdown(results: dict, seconds: dict, parameters: dict, threads: int, folds: int) -> str:
     lines = [f"torch threads = {threads}. Training seconds: all folds together (energy).", ""]
-    if "energy" in results:
+    for problem in (p for p in results if p.startswith("energy")):
         lines += [
-            f"**energy** ({folds}-fold CV, RMSE mean ± std over folds; lower is better)",
+            f"**{problem}** ({folds}-fold CV, RMSE mean ± std over folds; lower is better)",
             "",
             "| method | heating RMSE | cooling RMSE | heating R² | cooling R² | parameters | train s |",
             "|---|---|---|---|---|---|---|",
         ]
-        for method, m in results["energy"].items():
+        for method, m in results[problem].items():
             h, c = m["heating"], m["cooling"]
             lines.append(
                 f"| {method} | {h['rmse']:.3f} ± {h['rmse_std']:.3f} | {c['rmse']:.3f} ± {c['rmse_std']:.3f} | "
-                f"{h['r2']:.4f} | {c['r2']:.4f} | {parameters['energy'][method]:,} | {seconds['energy'][method]:.0f} |"
+                f"{h['r2']:.4f} | {c['r2']:.4f} | {parameters[problem][method]:,} | {seconds[problem][method]:.0f} |"
             )
         lines.append("")
     if "sentences" in results:
@@ -248,6 +248,12 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set deliberately)")
+    parser.add_argument(
+        "--energy-head-hidden",
+        type=int,
+        default=0,
+        help="hidden units of every energy head (0: linear heads); results go under 'energy_head<N>'",
+    )
     parser.add_argument("--output", default=str(RESULTS / "multitask.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,7 +267,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for problem in args.problems:
             if problem == "energy":
-                runs = energy(args.methods, args.folds, args.seed, Path(tmp), print)
+                settings = ENERGY_SETTINGS
+                if args.energy_head_hidden > 0:  # task-specific capacity on top of the shared trunk
+                    model = {**ENERGY_SETTINGS["model"], "head_hidden": args.energy_head_hidden}
+                    settings = {**ENERGY_SETTINGS, "model": model}
+                    problem = f"energy_head{args.energy_head_hidden}"
+                runs = energy(args.methods, args.folds, args.seed, Path(tmp), print, settings)
             else:
                 runs = sentences(args.methods, args.seed, Path(tmp), print)
             # methods run now replace their earlier figures; the others of an earlier invocation stay
