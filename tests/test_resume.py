@@ -301,3 +301,23 @@ def test_resume_with_spec_backbone_loads_weights_only(tmp_path: Path) -> None:
     resumed = fit(first_epoch, enable_checkpointing=False)
     assert all(p.requires_grad for p in resumed.backbone.parameters())
     assert resumed._trainable_epoch == 1
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_readable(tmp_path: Path) -> None:
+    """The process dies half-way through writing step 3's ``last.ckpt``: step 2's stays whole and resumable."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "scripts" / "killed_during_checkpoint.py"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ckpt"
+    result = subprocess.run(
+        [sys.executable, str(script), str(out), "--die-at", "3"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 137, result.stderr[-3000:]  # it really died mid-write
+    checkpoint = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2  # the previous checkpoint, whole
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    assert [p.name for p in out.iterdir()] == ["last.ckpt"]  # no half-written file beside it
