@@ -349,8 +349,8 @@ CASES = [
     pytest.param(
         Bad(
             lambda env: env.cli("--model.init_args.backbone", "resnet999"),
-            ValueError,
-            r"accepted backbone specs: .*; got 'resnet999'",
+            SystemExit,  # a usage error now, before jsonargparse tries every Union member
+            r"model\.init_args\.backbone: 'resnet999' has no kind; accepted backbone specs: 'torchvision:",
         ),
         id="cli-backbone-spec-without-a-kind",
     ),

@@ -14,7 +14,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from tlmodules.backbones import BackboneError, load_checkpoint, resolve_preprocessing
+from tlmodules.backbones import (
+    ACCEPTED_FORMS,
+    BUILTIN_PREPROCESSING,
+    BackboneError,
+    load_checkpoint,
+    resolve_preprocessing,
+)
 from tlmodules.predictions import PredictionWriter
 from tlmodules.summary import RunSummary
 
@@ -29,7 +35,10 @@ def known_or_none(value: Any) -> Any:
     return value or None
 
 
-LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+MODULE_BACKBONE_NAMES = (
+    "mlp",
+)  # backbones a module builds itself (MultiTaskModule's MLP trunk)  # ckpt_path values Lightning resolves itself
 
 
 class TransferCLI(LightningCLI):
@@ -63,6 +72,11 @@ class TransferCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         init_args = config.get("model", {}).get("init_args", {}) if hasattr(config, "get") else {}
         spec = spec_or_none(init_args.get("backbone"))
+        if isinstance(spec, str) and ":" not in spec and spec not in MODULE_BACKBONE_NAMES:
+            self.parser.error(
+                f"model.init_args.backbone: {spec!r} has no kind; "
+                + ACCEPTED_FORMS.format(builtin_names=sorted(BUILTIN_PREPROCESSING))
+            )
         try:
             resolve_preprocessing(spec, init_args.get("weights", "DEFAULT"))
         except (BackboneError, FileNotFoundError) as err:
