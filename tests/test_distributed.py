@@ -229,6 +229,10 @@ def test_multitask_ranks_stay_identical_with_partial_labels(tmp_path: Path, weig
     # validation metrics are synchronised over the whole validation set
     for key, value in r0["full_val"].items():
         assert r0["metrics"][key] == r1["metrics"][key] == pytest.approx(value, abs=1e-5), key
+    # a mid-epoch checkpoint (step 2: two batches of 8 per rank) holds both ranks' running loss sums:
+    # 16 "kind" labels (rank 0's; rank 1 has none) and 32 "size" labels
+    mid = torch.load(tmp_path / "multitask" / "ckpt" / "epoch=0-step=2.ckpt", map_location="cpu", weights_only=True)
+    assert mid["multitask_epoch_sums"][:, 1].tolist() == [16.0, 32.0]
 
 
 def test_train_py_under_torchrun_ends_with_the_same_weights_on_both_ranks(tmp_path: Path) -> None:

@@ -280,7 +280,7 @@ class MultiTaskModule(TransferModule):
             if loss is not None:
                 self.log(f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=batch_size)
                 count = masks[name].sum()
-                running = self._epoch_sums.get(name, torch.zeros(2, dtype=torch.float64, device=loss.device))
+                running = self._epoch_sums.get(name, torch.zeros(2, dtype=torch.float64)).to(loss.device)
                 self._epoch_sums[name] = running + torch.stack([loss.detach().double() * count, count.double()])
         self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False)
         self.log_learning_rates()
@@ -289,7 +289,7 @@ class MultiTaskModule(TransferModule):
     def on_train_epoch_end(self) -> None:
         """Each task's mean training loss of the epoch, summed over processes, to the weighting (DWA)."""
         empty = torch.zeros(2, dtype=torch.float64, device=self.device)
-        sums = torch.stack([self._epoch_sums.get(n, empty) for n in self.task_names])
+        sums = torch.stack([self._epoch_sums.get(n, empty).to(self.device) for n in self.task_names])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         means = {n: float(s / c) for n, (s, c) in zip(self.task_names, sums.tolist()) if c > 0}
         self.weighting.end_epoch(means)
@@ -362,6 +362,16 @@ class MultiTaskModule(TransferModule):
     def on_predict_start(self) -> None:
         return None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also the running epoch's per-task loss sums, summed over processes (every rank runs this hook), so a
+        run resumed mid-epoch gives DWA the same epoch means as the uninterrupted run."""
+        super().on_save_checkpoint(checkpoint)
+        empty = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.stack([self._epoch_sums.get(n, empty).to(self.device) for n in self.task_names])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        checkpoint["multitask_epoch_sums"] = sums.cpu()
+
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
             "module": type(self).__name__,
@@ -376,6 +386,10 @@ class MultiTaskModule(TransferModule):
         mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
         if saved != mine:
             raise ValueError(f"the checkpoint's tasks {saved} differ from this model's {mine}; use the same task list")
+        sums = checkpoint.get("multitask_epoch_sums")
+        if sums is not None:  # each process takes an equal share: the epoch-end sum over processes restores it
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self._epoch_sums = {n: row / world for n, row in zip(self.task_names, sums) if row[1] > 0}
         # the trained heads' target scaling wins over the statistics of whatever data built this model
         for task, saved_task in zip(self.tasks, checkpoint["tlmodules"]["tasks"]):
             for key in ("target_mean", "target_std"):

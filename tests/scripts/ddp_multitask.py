@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -93,11 +94,11 @@ def main() -> None:
         strategy="ddp",
         max_epochs=2,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[record],
+        # a checkpoint after step 2, mid-epoch 0: it holds the running epoch's loss sums of both ranks
+        callbacks=[record, ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=2, save_top_k=-1)],
         use_distributed_sampler=False,  # InOrder shards the data itself, without shuffling
     )
     val_samples = samples(VAL, 1, drop_odd_kind=False)
