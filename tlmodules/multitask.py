@@ -286,11 +286,14 @@ class MultiTaskModule(TransferModule):
         self.log_learning_rates()
         return total
 
+    def epoch_sums(self) -> Tensor:
+        """This process's running ``[loss × samples, samples]`` per task in the current epoch, ``(T, 2)`` float64."""
+        empty = torch.zeros(2, dtype=torch.float64, device=self.device)
+        return torch.stack([self._epoch_sums.get(n, empty).to(self.device) for n in self.task_names])
+
     def on_train_epoch_end(self) -> None:
         """Each task's mean training loss of the epoch, summed over processes, to the weighting (DWA)."""
-        empty = torch.zeros(2, dtype=torch.float64, device=self.device)
-        sums = torch.stack([self._epoch_sums.get(n, empty).to(self.device) for n in self.task_names])
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = self.trainer.strategy.reduce(self.epoch_sums(), reduce_op="sum")
         means = {n: float(s / c) for n, (s, c) in zip(self.task_names, sums.tolist()) if c > 0}
         self.weighting.end_epoch(means)
         self._epoch_sums = {}
@@ -366,8 +369,7 @@ class MultiTaskModule(TransferModule):
         """Also the running epoch's per-task loss sums, summed over processes (every rank runs this hook), so a
         run resumed mid-epoch gives DWA the same epoch means as the uninterrupted run."""
         super().on_save_checkpoint(checkpoint)
-        empty = torch.zeros(2, dtype=torch.float64, device=self.device)
-        sums = torch.stack([self._epoch_sums.get(n, empty).to(self.device) for n in self.task_names])
+        sums = self.epoch_sums()
         if self._trainer is not None and self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         checkpoint["multitask_epoch_sums"] = sums.cpu()
