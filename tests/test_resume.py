@@ -94,8 +94,9 @@ class ResumableLoader(DataLoader):
     sampler has yielded are the samples training has consumed.
     """
 
-    def __init__(self) -> None:
-        super().__init__(PatternData(), batch_size=BATCH_SIZE, sampler=EpochSampler(NUM_SAMPLES), num_workers=0)
+    def __init__(self, dataset: Dataset | None = None, batch_size: int = BATCH_SIZE) -> None:
+        dataset = PatternData() if dataset is None else dataset
+        super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset)), num_workers=0)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "yielded": self.sampler.yielded}

@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_resume import EpochSampler, StopAt, max_abs_diff, state
-from torch.utils.data import DataLoader, Dataset
+from test_resume import ResumableLoader, StopAt, max_abs_diff, state
+from torch.utils.data import Dataset
 
 from tlmodules import MultiTaskModule
 
@@ -38,15 +38,8 @@ class TwoTaskData(Dataset):
         return {"inputs": self.x[i], "labels": {"digit": self.digit[i], "load": self.load[i]}, "index": i}
 
 
-class ResumableLoader(DataLoader):
-    def __init__(self) -> None:
-        super().__init__(TwoTaskData(), batch_size=BATCH_SIZE, sampler=EpochSampler(NUM_SAMPLES), num_workers=0)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "yielded": self.sampler.yielded}
-
-    def load_state_dict(self, saved: dict[str, int]) -> None:
-        self.sampler.resume_at = (saved["epoch"], saved["yielded"])
+def resumable_loader() -> ResumableLoader:
+    return ResumableLoader(TwoTaskData(), batch_size=BATCH_SIZE)
 
 
 class Weights(pl.Callback):
@@ -73,14 +66,14 @@ def test_dwa_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path: Path)
     torch.set_num_threads(1)
     weights_a = Weights()
     model_a = make_module(seed=0)
-    make_trainer([weights_a], enable_checkpointing=False).fit(model_a, train_dataloaders=ResumableLoader())
+    make_trainer([weights_a], enable_checkpointing=False).fit(model_a, train_dataloaders=resumable_loader())
 
     stop = 9  # mid-epoch 1: epoch 1's mean losses (which set epoch 2's weights) straddle the interruption
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
-    make_trainer([StopAt(stop), saver]).fit(make_module(seed=0), train_dataloaders=ResumableLoader())
+    make_trainer([StopAt(stop), saver]).fit(make_module(seed=0), train_dataloaders=resumable_loader())
     [ckpt] = sorted(tmp_path.glob("*.ckpt"))
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    loader = ResumableLoader()  # Lightning issue #20550: restore the loader state as test_resume.py does
+    loader = resumable_loader()  # Lightning issue #20550: restore the loader state as test_resume.py does
     loader.load_state_dict(saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0])
     weights_b = Weights()
     model_b = make_module(seed=1)
