@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.samplers import evaluation_sampler
 from datamodules.tables import DataError
 
 
@@ -132,10 +133,13 @@ class ClassificationDataModule(pl.LightningDataModule):
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         if stage not in self.datasets:
             raise DataError(f"no {stage} data: set the {stage} file or folder of {type(self).__name__}")
+        dataset = self.datasets[stage]
+        sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)
         return DataLoader(
-            self.datasets[stage],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,

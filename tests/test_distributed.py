@@ -8,6 +8,10 @@ epochs of 4 steps and every rank saves what it ended with.
 Feature probing under DDP: ``tests/scripts/ddp_probe.py`` fits a linear-head probe and a
 logistic-regression probe on two processes; each rank extracts only its own shard, once, and then
 holds every feature.
+
+Validation under DDP: every script validates on an odd number of samples, which the datamodules shard
+without Lightning's padded repeat (``datamodules.samplers.evaluation_sampler``), and the tests compare the
+synchronised metrics with the final model's scores over the whole validation set.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_finetune.py"
 NUM_SAMPLES = 64  # as in the script
+NUM_VAL = 13
 STEPS_PER_EPOCH = NUM_SAMPLES // 2 // 8  # two ranks, batches of 8
 BACKBONE_PARAMS = 10  # SmallBackbone: 3 Linear (weight, bias) + 2 BatchNorm (weight, bias)
 
@@ -89,6 +94,27 @@ def test_unfrozen_backbone_stays_identical_across_ranks(synced_run) -> None:
         assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
 
 
+def assert_whole_split_validated_once(validated: tuple[list[int], list[int]], size: int, offset: int = 1000) -> None:
+    """The two ranks' validation indices are disjoint and together the whole split, each sample once."""
+    a, b = validated
+    assert len(a) == len(set(a)) and len(b) == len(set(b)), "a rank validated a sample twice (padding)"
+    assert not set(a) & set(b), "both ranks validated the same sample"
+    assert sorted(a + b) == list(range(offset, offset + size))
+
+
+def test_finetune_validation_metrics_are_those_of_the_whole_validation_set(synced_run) -> None:
+    """13 validation samples on 2 ranks (7 + 6, no padded repeat); the logged loss and accuracy, synchronised,
+    equal the final model's over the whole set: a mean of the two ranks' means would give another loss."""
+    _, r0, r1 = synced_run
+    for epoch in range(3):
+        assert_whole_split_validated_once((r0["validated"][epoch], r1["validated"][epoch]), NUM_VAL)
+    for key in ("val/acc", "val/loss", "val/f1_macro", "hp_metric"):
+        assert r0["metrics"][key] == r1["metrics"][key], key
+    assert r0["metrics"]["val/acc"] == pytest.approx(r0["whole_val"]["acc"], abs=1e-6)
+    assert r0["metrics"]["val/loss"] == pytest.approx(r0["whole_val"]["loss"], rel=1e-5)
+    assert 0.4 < r0["whole_val"]["acc"] < 1.0  # neither chance nor perfect: the comparison can fail
+
+
 def test_without_late_sync_ranks_drift_apart(tmp_path: Path) -> None:
     """Control: with LateParameterSync disabled DDP does not average the unfrozen backbone."""
     r0, r1 = run_ddp(tmp_path / "control", "--no-late-sync")
@@ -123,7 +149,7 @@ def test_resume_after_unfreeze_wraps_the_unfrozen_backbone(synced_run, tmp_path:
 
 # -- feature probe: each rank extracts its own shard once, then every rank holds every feature ------
 PROBE_SCRIPT = Path(__file__).parent / "scripts" / "ddp_probe.py"
-PROBE_SAMPLES, PROBE_VAL, PROBE_BATCH = 64, 16, 8  # as in the script
+PROBE_SAMPLES, PROBE_VAL, PROBE_BATCH = 64, 13, 8  # as in the script
 
 
 def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: Path) -> None:
@@ -144,11 +170,10 @@ def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: P
             # ... although the sampler gave it other samples in later epochs
             for epoch in range(1, epochs):
                 assert set(rank["seen"][epoch]) != set(rank["seen"][0]), "the shards did not change: the test is moot"
-            assert rank["val_calls"] == PROBE_VAL // 2 // PROBE_BATCH
+            assert rank["val_calls"] == 1  # 7 or 6 validation samples: one batch
             # after the first epoch every rank holds every training feature; validation stays per shard
             assert rank["train_cached"] == PROBE_SAMPLES
             assert rank["train_cached_indices"] == list(range(PROBE_SAMPLES))
-            assert rank["val_cached"] == PROBE_VAL // 2
             assert rank["backbone_unchanged"], f"{run}: the frozen backbone's parameters or buffers changed"
         assert not set(a["computed"][0]) & set(b["computed"][0]), "both ranks extracted the same samples"
         assert sorted(a["computed"][0] + b["computed"][0]) == list(range(PROBE_SAMPLES))
@@ -158,7 +183,14 @@ def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: P
         for name in a["head"]:
             assert torch.equal(a["head"][name], b["head"][name]), f"{run}: head {name} differs between ranks"
         assert max_diff(a["head"], a["head_initial"]) > 1e-2, f"{run}: the head did not move"
-        assert a["val_acc"] == b["val_acc"] > 0.5  # three classes: chance is 1/3
+        # validation: 13 samples sharded 7 + 6 without a padded repeat; the synchronised metrics are the
+        # whole set's (the estimator's loss is the cross-entropy of its predicted probabilities)
+        assert sorted([a["val_cached"], b["val_cached"]]) == [PROBE_VAL // 2, PROBE_VAL - PROBE_VAL // 2]
+        for key in ("val/acc", "val/loss", "hp_metric"):
+            assert a["metrics"][key] == b["metrics"][key], f"{run}: {key}"
+        assert a["metrics"]["val/acc"] == pytest.approx(a["whole_val"]["acc"], abs=1e-6)
+        assert a["metrics"]["val/loss"] == pytest.approx(a["whole_val"]["loss"], rel=1e-5)
+        assert 0.5 < a["whole_val"]["acc"] < 1.0  # three classes: chance is 1/3
 
     # the estimator was fitted once per rank, each time on all 64 training samples (every rank's shard)
     assert r0["linear"]["estimator_fits"] == []
@@ -167,7 +199,7 @@ def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: P
 
 # -- DANN: DomainAdaptationDataModule shards both domains, and the ranks stay in step ------------
 DOMAIN_SCRIPT = Path(__file__).parent / "scripts" / "ddp_domain.py"
-SOURCE_TRAIN, TARGET_TRAIN, DOMAIN_BATCH = 48, 32, 8  # as in the script
+SOURCE_TRAIN, TARGET_TRAIN, DOMAIN_VAL, DOMAIN_BATCH = 48, 32, 15, 8  # as in the script
 
 
 def test_domain_adaptation_shards_source_and_target_and_keeps_ranks_identical(tmp_path: Path) -> None:
@@ -186,6 +218,8 @@ def test_domain_adaptation_shards_source_and_target_and_keeps_ranks_identical(tm
         assert len(set(rank["target"][:shard])) == shard
         assert set(rank["target"][shard:]) <= set(rank["target"][:shard])
         assert rank["val_domains"] == ["source", "target"]
+    for loader in (0, 1):  # source, target: 15 validation samples each, 8 + 7, none repeated
+        assert_whole_split_validated_once((r0["validated"][loader], r1["validated"][loader]), DOMAIN_VAL)
     # disjoint shards that together cover each side
     assert not set(r0["source"]) & set(r1["source"])
     assert sorted(r0["source"] + r1["source"]) == list(range(SOURCE_TRAIN))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from tlmodules.backbones import Backbone, build_backbone
@@ -202,6 +202,10 @@ class TransferModule(pl.LightningModule):
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
+        # mean loss weighted by labelled samples and summed over processes: the whole split's mean loss
+        # under DDP even when the processes' shards differ in size (self.log's sync_dist averages the means)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     def log_learning_rates(self) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
@@ -306,8 +310,11 @@ class TransferModule(pl.LightningModule):
         """Loss (synchronised across processes), accuracy, macro-F1 and the confusion matrix of ``stage``."""
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         confusion = self.val_confusion if stage == "val" else self.test_confusion
-        loss = self.classification_loss(logits, labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(labels), sync_dist=True)
+        loss_mean = self.val_loss if stage == "val" else self.test_loss
+        labelled = int((labels != -100).sum())
+        if labelled:
+            loss_mean.update(self.classification_loss(logits, labels).detach(), weight=labelled)
+            self.log(f"{stage}/loss", loss_mean, on_step=False, on_epoch=True, prog_bar=stage == "val")
         metrics.update(logits, labels)
         confusion.update(logits, labels)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")

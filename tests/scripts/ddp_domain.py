@@ -18,16 +18,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from pattern_data import IN_FEATURES, PatternDataModule
 from torch import nn
-from torch.utils.data import Dataset
 
-from datamodules.base import ClassificationDataModule
 from datamodules.domain import DomainAdaptationDataModule
 from tlmodules.dann import DANNModule
 
-IN_FEATURES = 8
-NUM_CLASSES = 3
-SOURCE_TRAIN, TARGET_TRAIN, VAL = 48, 32, 16
+SOURCE_TRAIN, TARGET_TRAIN, VAL = 48, 32, 15  # odd VAL: a padded sampler would repeat a sample
 BATCH = 8
 
 
@@ -42,42 +39,20 @@ class SmallNet(nn.Module):
         return self.net(x)
 
 
-class PatternData(Dataset):
-    """Label ``i % 3``: a noisy pattern of the label, shifted by ``shift`` (the domain gap)."""
-
-    def __init__(self, n: int, seed: int, shift: float) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(n) % NUM_CLASSES
-        self.inputs = torch.randn(n, IN_FEATURES, generator=g) * 0.5 + shift
-        self.inputs[torch.arange(n), self.labels * 2] += 2.0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        return {"inputs": self.inputs[i], "labels": self.labels[i], "index": i}
-
-
-class PatternDataModule(ClassificationDataModule):
-    def __init__(self, train: int, seed: int, shift: float) -> None:
-        super().__init__(batch_size=BATCH, num_workers=0, val_fraction=0.0, seed=seed)
-        self.class_names = [str(c) for c in range(NUM_CLASSES)]
-        self.datasets = {"train": PatternData(train, seed, shift), "val": PatternData(VAL, seed + 100, shift)}
-
-    def setup(self, stage: str | None = None) -> None:
-        return None
-
-
 class RecordBatches(pl.Callback):
     def __init__(self) -> None:
         self.source: list[int] = []
         self.target: list[int] = []
         self.target_batches: list[int] = []
+        self.validated: dict[int, list[int]] = {}  # validation indices per loader (0 source, 1 target)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.source.extend(batch["source"]["index"].tolist())
         self.target.extend(batch["target"]["index"].tolist())
         self.target_batches.append(len(batch["target"]["index"]))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.validated.setdefault(dataloader_idx, []).extend(batch["index"].tolist())
 
 
 def params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -94,7 +69,8 @@ def main() -> None:
 
     model = DANNModule(SmallNet(), discriminator_hidden=16, lr=0.05, weight_decay=0.0, projection_samples=0, gamma=10.0)
     data = DomainAdaptationDataModule(
-        PatternDataModule(SOURCE_TRAIN, seed=1, shift=0.0), PatternDataModule(TARGET_TRAIN, seed=2, shift=1.0)
+        PatternDataModule(SOURCE_TRAIN, VAL, seed=1, batch_size=BATCH, shift=0.0),
+        PatternDataModule(TARGET_TRAIN, VAL, seed=2, batch_size=BATCH, shift=1.0),
     )
     recorder = RecordBatches()
     trainer = pl.Trainer(
@@ -136,6 +112,7 @@ def main() -> None:
             "final": params(model),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "val_domains": data.val_domains,
+            "validated": recorder.validated,
             "full_val_acc": full_val_acc,
         },
         args.out / f"rank{trainer.global_rank}.pt",

@@ -7,7 +7,8 @@ cover them and :class:`tlmodules.freezing.LateParameterSync` must average their 
 
 Usage: ``python ddp_finetune.py OUT_DIR [--no-late-sync] [--save-at-step N] [--resume CKPT]``.
 Every rank writes ``OUT_DIR/rank<r>.pt``: initial and final parameters, BatchNorm buffers, the
-sample indices it trained on (per epoch), the parameter names recorded outside the reducer, and
+sample indices it trained on and validated on (per epoch), the metrics it logged, the final model's
+accuracy and loss over the whole 13-sample validation set, the parameter names recorded outside the reducer, and
 how many parameters each optimizer step synced. ``--save-at-step N`` also writes
 ``OUT_DIR/step<N>.ckpt`` after optimizer step ``N``; ``--resume`` continues from such a checkpoint.
 """
@@ -20,14 +21,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from pattern_data import IN_FEATURES, NUM_CLASSES, PatternDataModule, RecordIndices, whole_set_scores
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from tlmodules.finetune import FineTuneModule
 
 NUM_SAMPLES = 64
-IN_FEATURES = 8
-NUM_CLASSES = 3
+NUM_VAL = 13  # odd: a padded sampler would repeat one sample on one rank
 
 
 class SmallBackbone(nn.Module):
@@ -45,32 +45,6 @@ class SmallBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
-
-
-class PatternData(Dataset):
-    """Label ``i % 3``; the input is a noisy one-hot-like pattern of the label (learnable in a few steps)."""
-
-    def __init__(self, n: int = NUM_SAMPLES) -> None:
-        g = torch.Generator().manual_seed(1234)
-        self.labels = torch.arange(n) % NUM_CLASSES
-        self.inputs = torch.randn(n, IN_FEATURES, generator=g) * 0.5
-        self.inputs[torch.arange(n), self.labels * 2] += 2.0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        return {"inputs": self.inputs[i], "labels": self.labels[i], "index": i}
-
-
-class RecordBatches(pl.Callback):
-    """Record which sample indices this rank trained on, per epoch."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, list[int]] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
 
 
 class SaveAtStep(pl.Callback):
@@ -120,7 +94,7 @@ def main() -> None:
 
     late_sync.sync = counting_sync
 
-    recorder = RecordBatches()
+    recorder = RecordIndices()
     callbacks: list[pl.Callback] = [recorder]
     if args.save_at_step:
         callbacks.append(SaveAtStep(args.save_at_step, args.out / f"step{args.save_at_step}.ckpt"))
@@ -133,10 +107,11 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    loader = DataLoader(PatternData(), batch_size=8, shuffle=True, num_workers=0)
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=args.resume, weights_only=True if args.resume else None)
+    data = PatternDataModule(NUM_SAMPLES, NUM_VAL, seed=1234, batch_size=8, val_noise=2.0)
+    trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True if args.resume else None)
 
     names = {id(p): n for n, p in model.named_parameters()}
     torch.save(
@@ -148,6 +123,9 @@ def main() -> None:
             "final": params(model),
             "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
             "seen": recorder.seen,
+            "validated": recorder.validated,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "whole_val": whole_set_scores(model, data.datasets["val"]),
             "outside": [names[id(p)] for p in late_sync.outside],
             "synced": synced,
             "trainable_epoch": model._trainable_epoch,

@@ -10,7 +10,8 @@ Usage: ``python ddp_probe.py OUT_DIR``. Every rank writes ``OUT_DIR/rank<r>.pt``
 (``"linear"``, ``"logistic_regression"``): the sample indices whose training batches made the backbone
 run, per epoch (``"computed"``), the indices this rank trained on, per epoch (``"seen"``), the number
 of backbone calls on training and on validation batches, the number of training / validation samples
-in the cache after the fit, the head's state before and after, whether the backbone's parameters and
+in the cache after the fit, the metrics it logged, the final model's accuracy and loss over the whole
+13-sample validation set, the head's state before and after, whether the backbone's parameters and
 buffers are unchanged, and the number of samples each estimator fit used.
 """
 
@@ -23,16 +24,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from pattern_data import IN_FEATURES, NUM_CLASSES, PatternDataModule, whole_set_scores
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 import tlmodules.probe
 from tlmodules import FeatureProbeModule
 
 NUM_SAMPLES = 64
-NUM_VAL = 16
-IN_FEATURES = 8
-NUM_CLASSES = 3
+NUM_VAL = 13  # odd: a padded sampler would repeat one sample on one rank
 BATCH_SIZE = 8
 
 
@@ -50,23 +49,6 @@ class SmallBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
-
-
-class PatternData(Dataset):
-    """Label ``i % 3``; the input is a noisy pattern of the label; ``index`` is ``offset + i``."""
-
-    def __init__(self, n: int, seed: int, offset: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(n) % NUM_CLASSES
-        self.inputs = torch.randn(n, IN_FEATURES, generator=g) * 0.5
-        self.inputs[torch.arange(n), self.labels * 2] += 2.0
-        self.offset = offset
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"inputs": self.inputs[i], "labels": self.labels[i], "index": self.offset + i}
 
 
 class Recorder(pl.Callback):
@@ -87,7 +69,7 @@ class Recorder(pl.Callback):
             self.computed.setdefault(self.epoch, []).extend(self.batch)
         elif self.stage == "val":
             self.val_calls += 1
-        else:
+        elif self.stage != "finished":
             raise AssertionError("the backbone ran outside a training or validation batch")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -131,12 +113,12 @@ def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
         default_root_dir=root,
         callbacks=[recorder],
     )
-    train = DataLoader(PatternData(NUM_SAMPLES, seed=1), batch_size=BATCH_SIZE, shuffle=True)
-    val = DataLoader(PatternData(NUM_VAL, seed=2, offset=1000), batch_size=BATCH_SIZE)
+    data = PatternDataModule(NUM_SAMPLES, NUM_VAL, seed=1, batch_size=BATCH_SIZE, val_noise=2.0)
     try:
-        trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+        trainer.fit(model, datamodule=data)
     finally:
         tlmodules.probe.fit_estimator = original_fit
+    recorder.stage = "finished"  # the whole-set scores below run the backbone outside the Trainer
     backbone_after = model.backbone.state_dict()
     return {
         "seen": recorder.seen,
@@ -150,7 +132,8 @@ def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
         "head": {k: v.detach().clone() for k, v in model.head.state_dict().items()},
         "backbone_unchanged": all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before),
         "estimator_fits": fits,
-        "val_acc": float(trainer.callback_metrics["val/acc"]),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "whole_val": whole_set_scores(model, data.datasets["val"]),
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
     }
