@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -42,7 +42,8 @@ MODULE_BACKBONE_NAMES = (
 
 
 class TransferCLI(LightningCLI):
-    """LightningCLI with tlmodules' links and defaults (TensorBoard under ``runs/``, best and last checkpoints)."""
+    """LightningCLI with tlmodules' links and defaults (TensorBoard under ``runs/``, best and last checkpoints,
+    a rich progress bar)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -81,6 +82,17 @@ class TransferCLI(LightningCLI):
             resolve_preprocessing(spec, init_args.get("weights", "DEFAULT"))
         except (BackboneError, FileNotFoundError) as err:
             self.parser.error(f"model.init_args.backbone: {err}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with Lightning's ``RichProgressBar`` (``rich`` is a dependency) unless the progress bar is
+        off (``--trainer.enable_progress_bar false``) or another progress bar callback is given."""
+        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        trainer = {**(config.get("trainer") or {}), **kwargs}
+        callbacks = trainer.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
