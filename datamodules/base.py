@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.samplers import evaluation_sampler
+from datamodules.samplers import evaluation_sampler, length_grouped_sampler
 from datamodules.tables import DataError
 
 
@@ -117,6 +117,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.collate_fn: Callable | None = None
         self.batch_augment: Callable[[Any], Any] | None = None  # applied to training batches on their device
+        self.group_by_length = False  # training batches of similar lengths, where sample_lengths knows them
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """``batch_augment`` (e.g. :class:`datamodules.augment.RandomAffineBatch`) on the inputs of training
@@ -134,7 +135,12 @@ class ClassificationDataModule(pl.LightningDataModule):
         if stage not in self.datasets:
             raise DataError(f"no {stage} data: set the {stage} file or folder of {type(self).__name__}")
         dataset = self.datasets[stage]
-        sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)
+        lengths = self.sample_lengths(stage) if shuffle and self.group_by_length else None
+        if lengths is not None:
+            sampler = length_grouped_sampler(lengths, self.batch_size, self.trainer, self.seed)
+            shuffle = False  # the sampler shuffles (between batches) and shards
+        else:
+            sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -156,6 +162,11 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
+
+    def sample_lengths(self, stage: str) -> list[int] | None:
+        """The length of every sample of ``stage`` (e.g. its token count) for length-grouped batching;
+        ``None`` where samples have no length (images)."""
+        return None
 
     def fingerprint(self, stage: str) -> str | None:
         """A string that changes whenever the inputs of ``stage`` could change (files, preprocessing), so

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, seeded_split
 from datamodules.tables import DataError
-from datamodules.text import PadCollator, TextClassificationDataModule
+from datamodules.text import PadCollator, TextClassificationDataModule, token_counts
 
 IGNORE_INDEX = -100
 DOCSTART = "-DOCSTART-"
@@ -147,6 +147,8 @@ class ConllDataModule(ClassificationDataModule):
     word's tag index on each word's first sub-token and -100 on later sub-tokens, special tokens and padding.
     Words beyond ``max_length`` after truncation get no label and are not scored. Predict batches have -1
     (tag unknown) on each word's first sub-token: select predictions with ``labels != -100``.
+    ``group_by_length`` makes training batches of sentences of similar token counts (as in
+    :class:`TextClassificationDataModule`).
 
     ``self.sentences[stage]`` / ``self.tags[stage]`` are the words / tags of each sentence, indexed by the
     batch's ``index`` (a validation split held out of the training file indexes the training sentences).
@@ -169,9 +171,11 @@ class ConllDataModule(ClassificationDataModule):
         seed: int = 0,
         batch_size: int = 16,
         num_workers: int | None = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.group_by_length = group_by_length
         self.backbone_spec, self.backbone_weights = backbone, weights
         if not isinstance(max_length, int) or max_length <= 0:
             raise DataError(f"max_length must be a positive integer, got {max_length!r}")
@@ -265,6 +269,9 @@ class ConllDataModule(ClassificationDataModule):
             train_idx, val_idx = seeded_split(list(range(len(full))), self.val_fraction, self.seed)
             self.datasets["train"], self.datasets["val"] = Subset(full, train_idx), Subset(full, val_idx)
             self.sentences["val"], self.tags["val"] = self.sentences["train"], self.tags["train"]
+
+    def sample_lengths(self, stage: str) -> list[int] | None:
+        return token_counts(self.datasets[stage])
 
     def fingerprint(self, stage: str) -> str | None:
         hp = self.hparams

@@ -28,6 +28,15 @@ class TokenizedTexts(Dataset):
         return {"features": item, "labels": self.labels[index], "index": index}
 
 
+def token_counts(dataset: Dataset) -> list[int]:
+    """Tokens of every sample of a dataset with ``encodings["input_ids"]`` (:class:`TokenizedTexts`, CoNLL
+    sentences) or of a ``Subset`` of one, in the dataset's order."""
+    if isinstance(dataset, Subset):
+        counts = token_counts(dataset.dataset)
+        return [counts[i] for i in dataset.indices]
+    return [len(ids) for ids in dataset.encodings["input_ids"]]
+
+
 class PadCollator:
     """Dynamic padding: pad each batch to its own longest sequence.
 
@@ -83,7 +92,9 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     The tokenizer comes from the backbone (``backbone``, linked from the model in the CLI) or
     ``tokenizer`` (a folder or hub id). Sentences are tokenized once at setup, truncated to
-    ``max_length``, and padded per batch.
+    ``max_length``, and padded per batch. ``group_by_length`` makes training batches of sentences of
+    similar lengths (:class:`datamodules.samplers.LengthGroupedSampler`, shuffled between batches and sharded
+    under DDP), which pads far less than random batches.
     """
 
     def __init__(
@@ -106,9 +117,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         seed: int = 0,
         batch_size: int = 32,
         num_workers: int | None = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
+        self.group_by_length = group_by_length
         self.backbone_spec, self.backbone_weights = backbone, weights
         if not isinstance(max_length, int) or max_length <= 0:
             raise DataError(f"max_length must be a positive integer, got {max_length!r}")
@@ -184,6 +197,9 @@ class TextClassificationDataModule(ClassificationDataModule):
             full = self.datasets["train"]
             train_idx, val_idx = seeded_split(full.labels, self.val_fraction, self.seed)
             self.datasets["train"], self.datasets["val"] = Subset(full, train_idx), Subset(full, val_idx)
+
+    def sample_lengths(self, stage: str) -> list[int] | None:
+        return token_counts(self.datasets[stage])
 
     def fingerprint(self, stage: str) -> str | None:
         hp = self.hparams

@@ -115,6 +115,25 @@ def test_finetune_validation_metrics_are_those_of_the_whole_validation_set(synce
     assert 0.4 < r0["whole_val"]["acc"] < 1.0  # neither chance nor perfect: the comparison can fail
 
 
+def test_length_grouped_batches_shard_the_training_data_under_ddp(tmp_path: Path) -> None:
+    """Lightning keeps the datamodule's LengthGroupedSampler (no DistributedSampler on top): each epoch the
+    two ranks train on disjoint halves that cover the data, in batches of alike lengths, reshuffled."""
+    r0, r1 = run_ddp(tmp_path / "grouped", "--group-by-length")
+    lengths = r0["lengths"]
+    assert r0["train_sampler"] == r1["train_sampler"] == "LengthGroupedSampler"
+    for epoch in range(3):
+        a, b = r0["seen"][epoch], r1["seen"][epoch]
+        assert len(a) == len(b) == NUM_SAMPLES // 2 and not set(a) & set(b)
+        assert sorted(a + b) == list(range(NUM_SAMPLES))
+        for order in (a, b):  # each batch of 8 spans a narrow band of the lengths 1..61
+            spans = [max(lengths[i] for i in order[s : s + 8]) - min(lengths[i] for i in order[s : s + 8])
+                     for s in range(0, len(order), 8)]  # fmt: skip
+            assert max(spans) <= 20, spans
+    assert r0["seen"][0] != r0["seen"][1], "the batches were not reshuffled between epochs"
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
+
+
 def test_without_late_sync_ranks_drift_apart(tmp_path: Path) -> None:
     """Control: with LateParameterSync disabled DDP does not average the unfrozen backbone."""
     r0, r1 = run_ddp(tmp_path / "control", "--no-late-sync")

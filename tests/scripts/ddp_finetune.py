@@ -10,7 +10,8 @@ Every rank writes ``OUT_DIR/rank<r>.pt``: initial and final parameters, BatchNor
 sample indices it trained on and validated on (per epoch), the metrics it logged, the final model's
 accuracy and loss over the whole 13-sample validation set, the parameter names recorded outside the reducer, and
 how many parameters each optimizer step synced. ``--save-at-step N`` also writes
-``OUT_DIR/step<N>.ckpt`` after optimizer step ``N``; ``--resume`` continues from such a checkpoint.
+``OUT_DIR/step<N>.ckpt`` after optimizer step ``N``; ``--resume`` continues from such a checkpoint;
+``--group-by-length`` gives sample ``i`` the length ``LENGTHS[i]`` and trains on length-grouped batches.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tlmodules.finetune import FineTuneModule
 
 NUM_SAMPLES = 64
 NUM_VAL = 13  # odd: a padded sampler would repeat one sample on one rank
+LENGTHS = [(i * 37) % 61 + 1 for i in range(NUM_SAMPLES)]  # for --group-by-length
 
 
 class SmallBackbone(nn.Module):
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--no-late-sync", action="store_true", help="control: disable LateParameterSync")
     parser.add_argument("--save-at-step", type=int, default=0)
     parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--group-by-length", action="store_true", help="length-grouped training batches")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,9 @@ def main() -> None:
         callbacks=callbacks,
     )
     data = PatternDataModule(NUM_SAMPLES, NUM_VAL, seed=1234, batch_size=8, val_noise=2.0)
+    if args.group_by_length:  # pretend sample i has length LENGTHS[i]
+        data.group_by_length = True
+        data.sample_lengths = lambda stage: LENGTHS
     trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True if args.resume else None)
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -129,6 +135,8 @@ def main() -> None:
             "outside": [names[id(p)] for p in late_sync.outside],
             "synced": synced,
             "trainable_epoch": model._trainable_epoch,
+            "train_sampler": type(trainer.train_dataloader.sampler).__name__,
+            "lengths": LENGTHS,
         },
         args.out / f"rank{trainer.global_rank}.pt",
     )
