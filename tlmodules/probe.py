@@ -413,7 +413,7 @@ class FeatureProbeModule(TransferModule):
         metadata = [names[int(labels[i])] for i, _ in chosen]
         matrix = torch.stack([f for _, f in chosen])
         self.logger.experiment.add_embedding(
-            matrix, metadata=metadata, tag="val/features", global_step=self.global_step
+            matrix, metadata=metadata, tag="val/feature_embedding", global_step=self.global_step
         )
         self._projector_logged = True
 
@@ -463,6 +463,13 @@ class FeatureProbeModule(TransferModule):
                 )
             state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
         classifier = meta.get("classifier", {})
+        if self.uses_estimator and classifier.get("fitted") is False:
+            raise ValueError(
+                f"this checkpoint of the {self.hparams.classifier} probe was saved during its feature pass "
+                f"(step {checkpoint.get('global_step')}), before the estimator was fitted; the features seen so far "
+                "are not in the checkpoint, so resuming would fit the estimator on part of the training data: "
+                "start the run again without ckpt_path"
+            )
         if classifier.get("kind") == "pickled":
             self.head = None  # (built when the class looked linear; the fitted estimator was pickled instead)
         if classifier.get("kind") == "pickled" and classifier.get("fitted"):
