@@ -53,9 +53,9 @@ TINY = [
     "--trainer.enable_model_summary",
     "false",
 ]
-# Names outside train/, val/ and test/ that a run may log today: the final validation metric for the HParams
-# tab, FineTuneModule's trainable share, the modules' learning rates (``lr/<group>``) and Lightning's epoch.
-OTHER_NAMES = re.compile(r"hp_metric|epoch|trainable/.+|lr/.+")
+# The only names outside train/, val/ and test/: the final validation metric for the HParams tab and
+# Lightning's own epoch counter.
+OTHER_NAMES = re.compile(r"hp_metric|epoch")
 SCHEME = re.compile(r"(train|val|test)/.+")
 SERVER_START_S = 60.0
 

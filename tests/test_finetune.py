@@ -167,8 +167,8 @@ def test_freeze_keeps_backbone_and_batchnorm_statistics_bit_identical() -> None:
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert all(id(p) in in_optimizer for p in model.backbone.parameters())
     assert all(not optimizer.state[p] for p in model.backbone.parameters())
-    assert trainer.callback_metrics["trainable/backbone_groups"] == 0
-    assert trainer.callback_metrics["trainable/fraction"] == pytest.approx(
+    assert trainer.callback_metrics["train/trainable/backbone_groups"] == 0
+    assert trainer.callback_metrics["train/trainable/fraction"] == pytest.approx(
         sum(p.numel() for p in model.head.parameters()) / sum(p.numel() for p in model.parameters())
     )
 
@@ -223,7 +223,7 @@ def test_freeze_unfreeze_switches_at_unfreeze_epoch_with_a_fixed_optimizer_struc
         "head",
         "head.no_decay",
     ]
-    assert [log["trainable/backbone_groups"] for log in probe.logged] == [0.0, 3.0]
+    assert [log["train/trainable/backbone_groups"] for log in probe.logged] == [0.0, 3.0]
 
 
 def test_gradual_unfreezes_one_more_top_group_per_epoch() -> None:
@@ -241,7 +241,7 @@ def test_gradual_unfreezes_one_more_top_group_per_epoch() -> None:
                 assert set(groups[i]) <= moved, f"group {i} did not train by the end of epoch {epoch}"
             else:
                 assert not set(groups[i]) & moved, f"group {i} moved by the end of epoch {epoch}"
-    assert [log["trainable/backbone_groups"] for log in probe.logged] == [0.0, 1.0, 2.0]
+    assert [log["train/trainable/backbone_groups"] for log in probe.logged] == [0.0, 1.0, 2.0]
     # in epoch 2 the bottom block (frozen) ran in eval mode, the two top blocks in train mode
     assert probe.modes_in(2, "backbone.body.0.") == {False}
     assert probe.modes_in(2, "backbone.body.1.") == {True}
@@ -273,8 +273,8 @@ def test_lp_ft_head_rate_drops_to_backbone_rate_from_the_first_fine_tuning_step(
     assert changed(probe.start, probe.epoch_end[0]) == set()
     assert changed(probe.epoch_end[0], probe.epoch_end[1]) == set(probe.start)
     # the logged rate is the one the step used
-    assert trainer.callback_metrics["lr/head"] == pytest.approx(0.01)
-    assert probe.logged[0]["lr/head"] == pytest.approx(0.1)
+    assert trainer.callback_metrics["train/lr/head"] == pytest.approx(0.01)
+    assert probe.logged[0]["train/lr/head"] == pytest.approx(0.1)
 
 
 def test_lp_ft_phase_switch_composes_with_the_cosine_shape() -> None:
@@ -456,19 +456,19 @@ def test_tensorboard_logging_and_class_names_from_the_datamodule(tmp_path: Path,
         "val/acc",
         "val/f1_macro",
         "val/loss",
-        "lr/head",
-        "lr/backbone.0",
-        "lr/backbone.1",
-        "trainable/backbone_groups",
-        "trainable/fraction",
+        "train/lr/head",
+        "train/lr/backbone.0",
+        "train/lr/backbone.1",
+        "train/trainable/backbone_groups",
+        "train/trainable/fraction",
         "hp_metric",
     ):
         assert tag in scalars, f"{tag} not logged; have {sorted(scalars)}"
     assert not any(t.endswith("no_decay") for t in scalars)
     assert "val/confusion_matrix" in events.Tags()["images"]
     assert len(events.Images("val/confusion_matrix")) == 2  # one per validation epoch
-    assert [e.value for e in events.Scalars("lr/head")] == pytest.approx([0.01] * 4)
-    assert [e.value for e in events.Scalars("lr/backbone.0")] == pytest.approx([0.005] * 4)
+    assert [e.value for e in events.Scalars("train/lr/head")] == pytest.approx([0.01] * 4)
+    assert [e.value for e in events.Scalars("train/lr/backbone.0")] == pytest.approx([0.005] * 4)
     assert len(events.Scalars("val/acc")) == 2
     assert all(0.0 <= e.value <= 1.0 for e in events.Scalars("val/acc"))
 

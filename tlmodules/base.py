@@ -209,7 +209,7 @@ class TransferModule(pl.LightningModule):
 
     def log_learning_rates(self) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
-        rates = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups if not g["name"].endswith("no_decay")}
+        rates = {f"train/lr/{g['name']}": g["lr"] for g in optimizer.param_groups if not g["name"].endswith("no_decay")}
         self.log_dict(rates, on_step=True, on_epoch=False)
 
     def log_confusion_matrix(self, metric: MulticlassConfusionMatrix, tag: str, class_names: Sequence[str]) -> None:

@@ -162,8 +162,8 @@ class FineTuneModule(TransferModule):
         top = self.apply_trainable(self.current_epoch)
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        self.log("trainable/backbone_groups", float(top), on_step=False, on_epoch=True)
-        self.log("trainable/fraction", trainable / max(1, total), on_step=False, on_epoch=True)
+        self.log("train/trainable/backbone_groups", float(top), on_step=False, on_epoch=True)
+        self.log("train/trainable/fraction", trainable / max(1, total), on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._late_sync.sync()
