@@ -286,6 +286,19 @@ def test_hf_unknown_pooling_fails_early(tiny_hf_dir):
         build_backbone(f"hf:{tiny_hf_dir}", pooling="median")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hf_half_precision_checkpoint_loads_as_float32(tiny_hf_dir: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    """A Hub model saved in half precision (transformers 5 would keep its dtype) gets float32 weights with the
+    checkpoint's values: the optimizer keeps float32 masters, mixed precision is the Trainer's business."""
+    half = transformers.AutoModel.from_pretrained(tiny_hf_dir).to(dtype)
+    half.save_pretrained(tmp_path / "half")
+    assert transformers.AutoModel.from_pretrained(tmp_path / "half").embeddings.word_embeddings.weight.dtype == dtype
+    backbone = build_backbone(f"hf:{tmp_path / 'half'}")
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}
+    loaded = backbone.body.embeddings.word_embeddings.weight
+    assert torch.equal(loaded, half.embeddings.word_embeddings.weight.float())
+
+
 def test_hf_trust_remote_code_is_off_unless_asked(tiny_hf_dir, monkeypatch):
     original = transformers.AutoModel.from_pretrained
     seen: list[object] = []

@@ -321,12 +321,14 @@ def hf_backbone(
     """
     from transformers import AutoConfig, AutoModel
 
+    # float32 weights whatever the checkpoint's dtype (transformers 5 loads a float16 checkpoint as float16):
+    # the optimizer needs float32 master weights; mixed precision is the Trainer's ``precision``
     try:
         if pretrained:
-            model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
         else:
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise BackboneError(
             f"could not load Hugging Face model {name_or_path!r}: {err}. Without network access use a local "

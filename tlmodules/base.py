@@ -34,6 +34,14 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; raised before it reaches the weights."""
 
 
+def fused_optimizer_supported(params: Sequence[Tensor]) -> bool | None:
+    """``True`` where torch's fused AdamW / SGD kernels take every parameter (floating point, on the CPU or a
+    CUDA device, all on one device type); ``None`` (torch's default choice) otherwise."""
+    kinds = {p.device.type for p in params}
+    ok = bool(params) and len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    return True if ok else None
+
+
 @dataclass
 class ParamGroup:
     """A named set of parameters with a learning-rate multiplier (relative to ``lr``)."""
@@ -125,10 +133,13 @@ class TransferModule(pl.LightningModule):
                             "weight_decay": wd,
                         }
                     )
+        # the fused kernels update every parameter in one pass: on the CPU 8x (AdamW, MiniLM) to 9x (SGD, DANN's
+        # LeNet and discriminator) faster than the default per-parameter loop (bench/speed.py); same arithmetic
+        fused = fused_optimizer_supported([p for g in groups for p in g["params"]])
         if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=fused)
         elif hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0, fused=fused)
         else:
             raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose adamw or sgd")
 
