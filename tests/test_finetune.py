@@ -614,3 +614,17 @@ def test_predict_keeps_the_batch_index_and_accepts_tuples() -> None:
     batches = trainer.predict(model, DataLoader(torch.utils.data.TensorDataset(tensors), batch_size=2))
     assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3, 4]
     torch.testing.assert_close(torch.cat([b["probs"] for b in batches]).sum(-1), torch.ones(5))
+
+
+def test_a_label_outside_the_heads_classes_is_named_before_the_first_update() -> None:
+    """A plain loader (no datamodule to check labels at setup) with label 5 for a 3-class head: a clear error
+    naming the label and the fix in the first step, and no weight changed (on a GPU cross-entropy would fail
+    with a device-side assert)."""
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(4, 8))
+    backbone.num_features = 8
+    model = FineTuneModule(backbone=backbone, num_classes=3, strategy="full")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{"inputs": torch.randn(4, 4), "labels": torch.tensor([0, 1, 5, 2])}]
+    with pytest.raises(ValueError, match=r"label 5 is outside the model's 3 classes \(0 … 2\); give num_classes"):
+        make_trainer(max_steps=1).fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -42,6 +42,16 @@ def fused_optimizer_supported(params: Sequence[Tensor]) -> bool | None:
     return True if ok else None
 
 
+def check_label_range(labels: Tensor, num_classes: int) -> None:
+    """A clear error for a class label outside ``0 … num_classes - 1`` (``-100``, ignored, is allowed)."""
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_classes))]
+    if bad.numel():
+        raise ValueError(
+            f"label {int(bad[0])} is outside the model's {num_classes} classes (0 … {num_classes - 1}); give "
+            f"num_classes that covers every label, or map the labels to 0 … {num_classes - 1} in the data"
+        )
+
+
 @dataclass
 class ParamGroup:
     """A named set of parameters with a learning-rate multiplier (relative to ``lr``)."""
@@ -308,7 +318,12 @@ class TransferModule(pl.LightningModule):
         self.require_classifier()
 
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy on float32 logits (safe under autocast); label ``-100`` is ignored."""
+        """Cross-entropy on float32 logits (safe under autocast); label ``-100`` is ignored. The first batch's
+        labels are checked against the head's classes (the datamodules check every label at setup; a plain
+        loader would otherwise fail inside the loss, on a GPU as an opaque device-side assert)."""
+        if not getattr(self, "_label_range_checked", False):
+            check_label_range(labels, logits.shape[-1])
+            self._label_range_checked = True
         smoothing = float(self.hparams.get("label_smoothing", 0.0))
         return F.cross_entropy(logits.float(), labels, ignore_index=-100, label_smoothing=smoothing)
 
