@@ -550,7 +550,7 @@ def test_cdan_trains_end_to_end() -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"]))
 
-    trainer = make_trainer(max_steps=3, callbacks=[Losses()])
+    trainer = make_trainer(max_steps=3, callbacks=[Losses()], log_every_n_steps=1)
     trainer.fit(model, DataLoader(domain_pairs(12), batch_size=4))
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert {"train/domain/loss", "train/domain/acc", "train/lambda"} <= set(trainer.callback_metrics)
@@ -574,7 +574,7 @@ class ScheduleRecorder(pl.Callback):
 def test_lambda_and_learning_rate_follow_training_progress() -> None:
     model = tiny_dann(lr=0.2, backbone_lr_ratio=0.5, lambda_max=0.8, gamma=5.0)
     recorder = ScheduleRecorder()
-    trainer = make_trainer(max_epochs=2, callbacks=[recorder])
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder], log_every_n_steps=1)
     trainer.fit(model, DataLoader(domain_pairs(16), batch_size=4, shuffle=True))
     total = 8  # 2 epochs of 4 steps
     assert recorder.steps == list(range(total))

@@ -259,7 +259,7 @@ def test_lp_ft_head_rate_drops_to_backbone_rate_from_the_first_fine_tuning_step(
         lr_schedule="constant",
     )
     probe = Probe()
-    trainer = make_trainer(callbacks=[probe], max_epochs=2)
+    trainer = make_trainer(callbacks=[probe], max_epochs=2, log_every_n_steps=1)
     trainer.fit(model, loader(samples(12)))
 
     assert [s["epoch"] for s in probe.steps] == [0, 0, 0, 1, 1, 1]
@@ -358,7 +358,7 @@ def test_l2sp_penalty_matches_the_formula() -> None:
 def test_l2sp_anchor_travels_in_the_checkpoint(tmp_path: Path) -> None:
     model = FineTuneModule("builtin:lenet", num_classes=3, l2sp_alpha=1.0, l2sp_beta=0.1, lr=0.05)
     anchor = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
-    trainer = make_trainer(max_steps=2)
+    trainer = make_trainer(max_steps=2, log_every_n_steps=1)
     trainer.fit(model, loader(samples(8)))
     assert trainer.callback_metrics["train/l2sp"] > 0
     path = tmp_path / "l2sp.ckpt"
@@ -628,3 +628,21 @@ def test_a_label_outside_the_heads_classes_is_named_before_the_first_update() ->
     with pytest.raises(ValueError, match=r"label 5 is outside the model's 3 classes \(0 … 2\); give num_classes"):
         make_trainer(max_steps=1).fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_per_step_values_are_logged_only_on_the_steps_the_logger_writes() -> None:
+    """Learning rates (per-step values) go through ``self.log`` every ``log_every_n_steps`` steps only, with the
+    rate of that step; the loss is logged every step (its epoch mean needs them all)."""
+    model = FineTuneModule("builtin:lenet", num_classes=3, strategy="full", lr=0.1, lr_schedule="linear")
+    seen: list[tuple[float | None, float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            rate = trainer.callback_metrics.get("train/lr/head")
+            seen.append((None if rate is None else float(rate), float(trainer.callback_metrics["train/loss_step"])))
+
+    make_trainer(max_steps=6, log_every_n_steps=3, callbacks=[Record()]).fit(model, loader(samples(24)))
+    rates = [r for r, _ in seen]
+    assert rates[:2] == [None, None] and rates[2] == rates[3] == rates[4] and rates[5] != rates[2]
+    assert rates[5] == pytest.approx(0.1 * (1 - 5 / 6))  # the linear schedule's rate at step 5
+    assert len({loss for _, loss in seen}) == 6  # the loss: every step

@@ -87,7 +87,7 @@ class DomainPatternData(Dataset):
 
 
 def make_trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    settings = {"accelerator": "cpu", "devices": 1, "max_epochs": MAX_EPOCHS, "logger": False}
+    settings = {"accelerator": "cpu", "devices": 1, "max_epochs": MAX_EPOCHS, "logger": False, "log_every_n_steps": 1}
     return pl.Trainer(
         **settings,
         enable_progress_bar=False,

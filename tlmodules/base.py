@@ -228,7 +228,20 @@ class TransferModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
+    def logging_step(self) -> bool:
+        """Whether Lightning writes step-level values after this training step (every ``log_every_n_steps``).
+
+        Values logged only per step (learning rates, λ) are logged on those steps alone: each ``self.log``
+        costs Lightning about a millisecond of bookkeeping (and a host-to-device copy of a Python float), a
+        real share of a GPU step (``bench/speed.py``), for values the logger would not write."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return (self.global_step + 1) % max(1, int(trainer.log_every_n_steps)) == 0
+
     def log_learning_rates(self) -> None:
+        if not self.logging_step():
+            return
         optimizer = self.optimizers(use_pl_optimizer=False)
         rates = {f"train/lr/{g['name']}": g["lr"] for g in optimizer.param_groups if not g["name"].endswith("no_decay")}
         self.log_dict(rates, on_step=True, on_epoch=False)
@@ -329,8 +342,14 @@ class TransferModule(pl.LightningModule):
 
     def log_training(self, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.train_metrics.update(logits.detach(), labels)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self.train_metrics.update(logits.detach(), labels)  # logged once, at the epoch's end
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's training accuracy and macro-F1 (synchronised across processes), computed once."""
+        metrics = getattr(self, "train_metrics", None)
+        if metrics is not None and any(m.update_called for m in metrics.values()):
+            self.log_dict(metrics.compute())
+            metrics.reset()
 
     def log_evaluation(self, stage: str, logits: Tensor, labels: Tensor) -> None:
         """Loss (synchronised across processes), accuracy, macro-F1 and the confusion matrix of ``stage``."""

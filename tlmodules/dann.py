@@ -228,7 +228,8 @@ class DANNModule(TransferModule):
             loss = loss + domain_loss
             self.log("train/domain/loss", domain_loss, on_step=True, on_epoch=True, batch_size=batch_size)
             self.log("train/domain/acc", domain_acc, on_step=False, on_epoch=True, batch_size=batch_size)
-            self.log("train/lambda", coefficient, on_step=True, on_epoch=False)
+            if self.logging_step():
+                self.log("train/lambda", coefficient, on_step=True, on_epoch=False)
         self.log_learning_rates()
         return loss
 

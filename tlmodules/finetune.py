@@ -198,7 +198,8 @@ class FineTuneModule(TransferModule):
         self.log_training(logits, labels, loss)
         if self.l2sp is not None:
             penalty = self.l2sp.penalty(self.backbone.named_parameters(), self.head.parameters())
-            self.log("train/l2sp", penalty, on_step=True, on_epoch=False)
+            if self.logging_step():
+                self.log("train/l2sp", penalty, on_step=True, on_epoch=False)
             loss = loss + penalty
         self.log_learning_rates()
         return loss

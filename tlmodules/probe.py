@@ -296,8 +296,7 @@ class FeatureProbeModule(TransferModule):
                 self.estimator_file = {"path": str(path.resolve()), "sha256": digest}
         self.estimator_fitted = True
         train_logits = self.classify(x.to(self.device))
-        self.train_metrics.update(train_logits, y.to(self.device))
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self.train_metrics.update(train_logits, y.to(self.device))  # logged at the epoch's end
 
     # -- optimisation -----------------------------------------------------------------------------
     def parameter_groups(self) -> list[ParamGroup]:
