@@ -79,12 +79,13 @@ def unpack_batch(batch: Any) -> tuple[Any, Tensor | None]:
     return batch, None
 
 
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy (micro) and macro-F1, logged as ``<prefix>acc`` and ``<prefix>f1_macro``."""
+def classification_metrics(num_classes: int, prefix: str, validate_args: bool = True) -> MetricCollection:
+    """Accuracy (micro) and macro-F1, logged as ``<prefix>acc`` and ``<prefix>f1_macro``. ``validate_args=False``
+    skips torchmetrics' per-update label checks (each a host sync on a GPU), for labels checked already."""
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro"),
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=validate_args),
+            "f1_macro": MulticlassF1Score(num_classes=num_classes, average="macro", validate_args=validate_args),
         },
         prefix=prefix,
     )
@@ -218,7 +219,8 @@ class TransferModule(pl.LightningModule):
             initial.update(values)
 
     def _build_classification_metrics(self, num_classes: int) -> None:
-        self.train_metrics = classification_metrics(num_classes, "train/")
+        # training labels: range-checked at the first step (classification_loss) and by the datamodules
+        self.train_metrics = classification_metrics(num_classes, "train/", validate_args=False)
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.val_confusion = MulticlassConfusionMatrix(num_classes=num_classes)
@@ -344,12 +346,28 @@ class TransferModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.train_metrics.update(logits.detach(), labels)  # logged once, at the epoch's end
 
+    def accumulate_epoch_mean(self, name: str, value: Tensor, weight: int) -> None:
+        """Add a training step's ``value`` (weighted by ``weight`` samples) to ``name``'s epoch mean, logged at the
+        epoch's end: one ``self.log`` per epoch instead of one per step, and no host sync."""
+        sums = getattr(self, "_epoch_mean_sums", None)
+        if sums is None:
+            sums = self._epoch_mean_sums = {}
+        pair = torch.stack([value.detach().double() * weight, value.new_tensor(float(weight), dtype=torch.float64)])
+        sums[name] = sums[name] + pair if name in sums else pair
+
     def on_train_epoch_end(self) -> None:
-        """The epoch's training accuracy and macro-F1 (synchronised across processes), computed once."""
+        """The epoch's training accuracy and macro-F1 and the :meth:`accumulate_epoch_mean` values, each over
+        every process's samples, computed once."""
         metrics = getattr(self, "train_metrics", None)
         if metrics is not None and any(m.update_called for m in metrics.values()):
             self.log_dict(metrics.compute())
             metrics.reset()
+        sums = getattr(self, "_epoch_mean_sums", None)
+        if sums:
+            names = sorted(sums)
+            totals = self.trainer.strategy.reduce(torch.stack([sums[n] for n in names]), reduce_op="sum")
+            self.log_dict({n: (t[0] / t[1]).float() for n, t in zip(names, totals)})
+            self._epoch_mean_sums = {}
 
     def log_evaluation(self, stage: str, logits: Tensor, labels: Tensor) -> None:
         """Loss (synchronised across processes), accuracy, macro-F1 and the confusion matrix of ``stage``."""

@@ -220,14 +220,14 @@ class DANNModule(TransferModule):
         batch_size = len(labels_s)
         self.log("train/source/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         accuracy = (logits_s.argmax(-1) == labels_s).float().mean()
-        self.log("train/source/acc", accuracy, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.accumulate_epoch_mean("train/source/acc", accuracy, batch_size)
         if self.discriminator is not None:
             coefficient = self.adaptation_weight()
             logits_t = self.head(feats_t) if self.hparams.method == "cdan" else feats_t.new_empty(0)
             domain_loss, domain_acc = self.domain_loss(feats_s, feats_t, logits_s, logits_t, coefficient)
             loss = loss + domain_loss
             self.log("train/domain/loss", domain_loss, on_step=True, on_epoch=True, batch_size=batch_size)
-            self.log("train/domain/acc", domain_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.accumulate_epoch_mean("train/domain/acc", domain_acc, batch_size)
             if self.logging_step():
                 self.log("train/lambda", coefficient, on_step=True, on_epoch=False)
         self.log_learning_rates()

@@ -95,7 +95,7 @@ class MultiTaskModule(TransferModule):
     to that task's loss or metrics, and a task with no label in a batch has no loss there (the weighting skips
     it) while its head still takes part in the graph with a zero gradient, so DDP sees every parameter used.
 
-    Logged: ``train/loss``, ``train/<task>/loss``, ``train/weight/<task>`` every step (and what the
+    Logged: ``train/loss``, ``train/<task>/loss`` every step, ``train/weight/<task>`` every logged step (and what the
     weighting adds, e.g. ``train/log_var/<task>``); ``<stage>/<task>/<metric>`` (acc, f1_macro; mae,
     rmse, r2) and ``<stage>/score``, the mean over tasks of accuracy (classification) and R²
     (regression), which is also ``hp_metric``.
@@ -282,7 +282,8 @@ class MultiTaskModule(TransferModule):
                 count = masks[name].sum()
                 running = self._epoch_sums.get(name, torch.zeros(2, dtype=torch.float64)).to(loss.device)
                 self._epoch_sums[name] = running + torch.stack([loss.detach().double() * count, count.double()])
-        self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False)
+        if self.logging_step():  # per-step values: only on the steps the logger writes
+            self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False)
         self.log_learning_rates()
         return total
 
