@@ -11,9 +11,10 @@ Variants (each a fresh ``DANNModule`` under the Trainer, alternating over the ro
 
 ``dann_step_ratio`` is the digits recipe of ``bench/dann_digits.py`` (LeNet, 256-wide bottleneck, the
 1024-wide discriminator of DANN's paper and Transfer-Learning-Library, 64 + 64 augmented 28×28 images).
-There the discriminator (1.3 M parameters) is three times the LeNet, so it costs a real share of the step
-beyond the two-batch floor. ``dann_step_ratio_resnet`` is the same comparison with a ResNet-18 backbone on
-64×64 images (32 + 32 per step, random data), where the backbone dominates as it does in practice.
+There the discriminator (1.3 M parameters) is five times the LeNet, bottleneck and classifier together
+(0.24 M), so it costs a real share of the step beyond the two-batch floor. ``dann_step_ratio_resnet`` is the
+same comparison with a ResNet-18 backbone on 64×64 images (32 + 32 per step, random data), where the backbone
+dominates as it does in practice.
 
     python bench/speed.py --figures dann_step_ratio dann_step_ratio_resnet --threads 1
 """
