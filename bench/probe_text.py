@@ -35,9 +35,20 @@ from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 
-from bench.common import MINILM, RESULTS, SHARED, Row, read_csv, read_tsv, sample, stratified_split, write_tsv  # noqa: E402
+from bench.common import (  # noqa: E402
+    MINILM,
+    RESULTS,
+    SHARED,
+    Row,
+    minilm_finetune_module,
+    read_csv,
+    read_tsv,
+    sample,
+    stratified_split,
+    write_tsv,
+)
 from datamodules import TextClassificationDataModule  # noqa: E402
-from tlmodules import FeatureProbeModule, FineTuneModule  # noqa: E402
+from tlmodules import FeatureProbeModule  # noqa: E402
 
 TEXT = SHARED / "text"
 UCI = TEXT / "uci_sentences"
@@ -140,16 +151,7 @@ def probe(files, classifier: str, cache_dir: str, epochs: int = 1, cache: bool =
 def finetune(files) -> dict[str, float]:
     pl.seed_everything(SEED, workers=True)
     data = datamodule(files, batch_size=16)
-    model = FineTuneModule(
-        backbone=MINILM,
-        num_classes=data.num_classes,
-        class_names=data.class_names,
-        strategy="full",
-        lr=1e-3,
-        backbone_lr_ratio=0.05,
-        lr_schedule="linear",
-        warmup_fraction=0.1,
-    )
+    model = minilm_finetune_module(data.num_classes, data.class_names)
     start = time.perf_counter()
     fit = trainer(4)
     fit.fit(model, datamodule=data)

@@ -49,7 +49,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from bench.common import MINILM, SHARED, read_tsv, sample, write_tsv
+from bench.common import MINILM, SHARED, minilm_finetune_module, read_tsv, sample, write_tsv
 from bench.timing import QUIET_TRAINER, StepTimes, alternate, clock, median_ms, ratio_summary
 from datamodules import TextClassificationDataModule
 from tlmodules import FineTuneModule
@@ -113,16 +113,7 @@ def datamodule(files: TextFiles, seed: int, group_by_length: bool = False) -> Te
 
 
 def finetune_module(data: TextClassificationDataModule) -> FineTuneModule:
-    return FineTuneModule(
-        backbone=MINILM,
-        num_classes=data.num_classes,
-        class_names=data.class_names,
-        strategy="full",
-        lr=1e-3,
-        backbone_lr_ratio=0.05,
-        lr_schedule="linear",
-        warmup_fraction=0.1,
-    )
+    return minilm_finetune_module(data.num_classes, data.class_names)
 
 
 def trainer(

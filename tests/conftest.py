@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,15 @@ POSITIVE = ["good", "great", "fine", "nice", "love"]
 NEGATIVE = ["bad", "awful", "poor", "nasty", "hate"]
 FILLER = ["the", "food", "was", "very", "movie", "phone", "it", "and", "service", "really"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second OpenMP thread only waits on the other core (slower by 100x under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -29,14 +29,7 @@ from tlmodules.schedules import dann_lambda, dann_lr_factor, lr_shape
 
 IN_FEATURES, WIDTH, NUM_CLASSES = 4, 6, 3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny tensors: a second OpenMP thread only waits on the other core (slower by 100x under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one OpenMP thread
 
 
 def plain_path(inputs: Tensor, coefficient: float = 1.0) -> Tensor:

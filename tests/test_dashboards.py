@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from test_cli import TINY_FIT
 
 from tlmodules.cli import TransferCLI, main
 
@@ -37,22 +38,8 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 DIGITS = ROOT / "configs" / "digits_finetune.yaml"
 DANN_RUN = "quickstart/version_0"  # <logger name>/<version>, as TensorBoard names runs under --logdir
 FINETUNE_RUN = "digits_finetune/version_0"
-TINY = [
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.check_val_every_n_epoch",
-    "1",
-    "--trainer.log_every_n_steps",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
+# test_cli's one-epoch, two-batch run, validating every epoch and logging every step
+TINY = [*TINY_FIT, "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1"]
 # The only names outside train/, val/ and test/: the final validation metric for the HParams tab and
 # Lightning's own epoch counter.
 OTHER_NAMES = re.compile(r"hp_metric|epoch")

@@ -31,13 +31,7 @@ from tlmodules.backbones import resolve_preprocessing
 
 SIZE = 16  # the generated folders' images: 3 x 16 x 16 after the default transform
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one OpenMP thread
 
 
 def folder(root: Path, **kwargs: Any) -> ImageFolderDataModule:

@@ -23,13 +23,7 @@ TASKS = [
 ]
 IN_FEATURES = 6
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one OpenMP thread
 
 
 def samples(n: int, seed: int = 0, missing: float = 0.0) -> list[dict[str, Any]]:

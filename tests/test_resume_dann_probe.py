@@ -48,6 +48,7 @@ from tlmodules.schedules import dann_lambda
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*modules? in eval mode.*"),  # the probe's frozen backbone, on purpose
     pytest.mark.filterwarnings("ignore:Total length of .* across ranks is zero"),  # no validation data, on purpose
 ]
@@ -59,15 +60,6 @@ STOP = 9  # mid-epoch 1, after the probe's cache was filled in epoch 0 and after
 NUM_CLASSES, IN_FEATURES = 3, 8
 GAMMA = 5.0
 ATOL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny tensors: a second OpenMP thread only waits on the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DomainPatternData(Dataset):
