@@ -785,3 +785,28 @@ def test_bf16_mixed_reaches_the_fp32_target_accuracy() -> None:
     fp32, bf16 = results["32-true"], results["bf16-mixed"]
     assert fp32["val/target/acc"] >= 0.7 and bf16["val/target/acc"] >= 0.7
     assert abs(bf16["val/target/acc"] - fp32["val/target/acc"]) <= 0.05
+
+
+def test_epoch_training_accuracies_are_sample_weighted_means_of_the_steps() -> None:
+    """train/source/acc and train/domain/acc are accumulated per step without a sync and logged once per epoch:
+    the logged value is the mean over the epoch's samples (batches of 4, 4 and 2: an unweighted mean of the
+    steps would differ)."""
+    model = tiny_dann()
+    recorded: dict[str, list[tuple[float, int]]] = {}
+    original = model.accumulate_epoch_mean
+
+    def record(name: str, value: Tensor, weight: int) -> None:
+        recorded.setdefault(name, []).append((float(value), weight))
+        original(name, value, weight)
+
+    model.accumulate_epoch_mean = record
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(model, DataLoader(domain_pairs(10), batch_size=4))
+    for name in ("train/source/acc", "train/domain/acc"):
+        steps = recorded[name]
+        assert [w for _, w in steps] == [4, 4, 2]
+        weighted = sum(v * w for v, w in steps) / 10
+        assert float(trainer.callback_metrics[name]) == pytest.approx(weighted, abs=1e-6)
+    # here the steps' accuracies differ, so the weighting is visible: an unweighted mean would be logged otherwise
+    values = [v for v, _ in recorded["train/source/acc"]]
+    assert abs(float(trainer.callback_metrics["train/source/acc"]) - sum(values) / 3) > 1e-3
