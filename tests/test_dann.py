@@ -170,6 +170,34 @@ def test_discriminator_returns_unbounded_logits_per_sample(batch_norm: bool) -> 
     assert disc(x[:1]).shape == (1,)
 
 
+@pytest.mark.parametrize(("layers", "widths"), [(1, [5, 8]), (3, [5, 8, 8, 8])])
+def test_discriminator_depth(layers: int, widths: list[int]) -> None:
+    disc = DomainDiscriminator(5, hidden=8, layers=layers)
+    assert [m.in_features for m in disc.modules() if isinstance(m, nn.Linear)] == widths
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in disc.modules()) == layers
+    assert disc(torch.randn(6, 5)).shape == (6,)
+
+
+def test_discriminator_size_follows_width_and_depth() -> None:
+    """2 × 256 (the digits recipe) against the default 2 × 1024 on a 256-wide bottleneck."""
+
+    def size(**kwargs: int) -> int:
+        model = DANNModule("builtin:lenet", num_classes=10, bottleneck=256, projection_samples=0, **kwargs)
+        return sum(p.numel() for p in model.discriminator.parameters())
+
+    small, default = size(discriminator_hidden=256, discriminator_layers=2), size()
+    assert small == 2 * (256 * 256 + 256 + 2 * 256) + 256 + 1  # two linear + batch-norm layers, one output
+    assert default == (256 + 1024) * 1024 + 2 * (1024 + 2 * 1024) + 1024 + 1
+    assert size(discriminator_hidden=100, discriminator_layers=1) == 256 * 100 + 100 + 2 * 100 + 100 + 1
+
+
+@pytest.mark.parametrize("bad", [{"discriminator_layers": 0}, {"discriminator_hidden": 0}])
+def test_discriminator_without_hidden_layers_is_refused(bad: dict) -> None:
+    with pytest.raises(ValueError, match="discriminator_layers >= 1 and discriminator_hidden >= 1"):
+        DANNModule("builtin:lenet", num_classes=10, **bad)
+    DANNModule("builtin:lenet", num_classes=10, adversarial=False, **bad)  # source-only: no discriminator
+
+
 def test_discriminator_loss_is_finite_under_bf16_autocast() -> None:
     disc = DomainDiscriminator(5, hidden=8)
     with torch.no_grad():

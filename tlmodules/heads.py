@@ -36,19 +36,23 @@ class ClassificationHead(nn.Module):
 class DomainDiscriminator(nn.Module):
     """Tells source from target: ``(B, in_features)`` → domain logits ``(B,)`` (source = 1, target = 0).
 
-    ``Linear → BatchNorm → ReLU`` twice, then ``Linear(hidden, 1)`` (the discriminator of
-    Transfer-Learning-Library, returning logits instead of a sigmoid so that the loss is
-    ``binary_cross_entropy_with_logits``, which is safe under autocast).
+    ``layers`` times ``Linear → BatchNorm → ReLU``, then ``Linear(hidden, 1)``. The default (two layers of
+    1024) is the discriminator of Transfer-Learning-Library and of DANN's larger benchmarks (Ganin et al.,
+    JMLR 2016, Fig. 4b); DANN's MNIST network uses one layer of 100 (Fig. 4a). Returns logits instead of a
+    sigmoid so that the loss is ``binary_cross_entropy_with_logits``, which is safe under autocast.
     """
 
-    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True) -> None:
+    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, layers: int = 2) -> None:
         super().__init__()
+        if layers < 1 or hidden < 1:
+            raise ValueError(f"the discriminator needs layers >= 1 and hidden >= 1, got {layers} and {hidden}")
 
         def block(width_in: int) -> list[nn.Module]:
             norm: list[nn.Module] = [nn.BatchNorm1d(hidden)] if batch_norm else []
             return [nn.Linear(width_in, hidden), *norm, nn.ReLU(inplace=True)]
 
-        self.net = nn.Sequential(*block(in_features), *block(hidden), nn.Linear(hidden, 1))
+        hidden_layers = [module for depth in range(layers) for module in block(hidden if depth else in_features)]
+        self.net = nn.Sequential(*hidden_layers, nn.Linear(hidden, 1))
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features).squeeze(-1)
