@@ -53,6 +53,7 @@ from bench.common import MINILM, SHARED, minilm_finetune_module, read_tsv, sampl
 from bench.timing import QUIET_TRAINER, StepTimes, alternate, clock, median_ms, ratio_summary
 from datamodules import TextClassificationDataModule
 from tlmodules import FineTuneModule
+from tlmodules.hardware import cpu_has_native_bf16
 
 SST2 = SHARED / "text" / "sst2"
 DATA_SEED = 0  # the training sample is the same for every run
@@ -132,7 +133,10 @@ def trainer(
 
 
 def device_details(args: argparse.Namespace) -> dict[str, Any]:
-    details: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    details: dict[str, Any] = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # False: AVX512-BF16/AMX absent, bf16 products are emulated
+    }
     if args.device == "cuda":
         details["gpu"] = torch.cuda.get_device_name()
         details["float32_matmul_precision"] = torch.get_float32_matmul_precision()

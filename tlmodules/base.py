@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from tlmodules.backbones import Backbone, build_backbone
+from tlmodules.hardware import PrecisionHardwareCheck
 from tlmodules.outputs import OutputFolderCheck
 from tlmodules.schedules import lr_shape
 
@@ -188,8 +189,9 @@ class TransferModule(pl.LightningModule):
         self.refresh_learning_rates()
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Output folders that cannot be written fail the run before it starts (:mod:`tlmodules.outputs`)."""
-        return [OutputFolderCheck()]
+        """Output folders that cannot be written fail the run before it starts (:mod:`tlmodules.outputs`); a
+        bf16 precision on a CPU that only emulates bf16 is warned about (:mod:`tlmodules.hardware`)."""
+        return [OutputFolderCheck(), PrecisionHardwareCheck()]
 
     # -- a NaN or infinite loss stops the run before the backward pass ---------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
