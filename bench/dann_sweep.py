@@ -26,6 +26,7 @@ from bench.dann_digits import DIGITS, PAIRS, RESULTS  # noqa: E402
 
 AUGMENT = {"degrees": 10.0, "translate": 0.1, "scale": [0.9, 1.1]}
 NO_DROPOUT = {"lenet_dropout": 0.0}  # the LeNet of the first sweep, before builtin:lenet dropped channels
+CHOSEN = {"bottleneck": 256, "augment": AUGMENT}  # the recipe after the second round
 VARIANTS: dict[str, tuple[dict, int]] = {  # name: (DANNModule arguments and recipe keys, steps)
     "plain": (NO_DROPOUT, 5000),
     "bottleneck256": ({"bottleneck": 256, **NO_DROPOUT}, 5000),
@@ -37,7 +38,13 @@ VARIANTS: dict[str, tuple[dict, int]] = {  # name: (DANNModule arguments and rec
     "bottleneck256_dropout": ({"bottleneck": 256}, 5000),
     "bottleneck256_augment": ({"bottleneck": 256, "augment": AUGMENT, **NO_DROPOUT}, 5000),
     "bottleneck256_dropout_augment": ({"bottleneck": 256, "augment": AUGMENT}, 5000),
+    # third round (CPU, DANN, seed 0): the discriminator of that recipe (2 × 1024 above) made cheaper
+    "disc_1x100": ({**CHOSEN, "discriminator_hidden": 100, "discriminator_layers": 1}, 5000),
+    "disc_1x1024": ({**CHOSEN, "discriminator_layers": 1}, 5000),
+    "disc_2x256": ({**CHOSEN, "discriminator_hidden": 256}, 5000),
 }
+# every variant not naming its own discriminator has DANNModule's default, 2 × 1024 (as when it was run)
+DEFAULT_DISCRIMINATOR = {"discriminator_hidden": 1024, "discriminator_layers": 2}
 BASELINE_VARIANTS = ("plain", "bottleneck256")  # source-only and oracle: the adversary-free knobs only
 
 _domains = None
@@ -59,7 +66,8 @@ def _run(job: tuple) -> dict:
     pair, method, variant, seed, accelerator, scale = job
     arguments, steps = VARIANTS[variant]
     steps = max(1, round(steps * scale))
-    result = run_once(_domains, pair, method, seed, steps, {"batch_size": 64, **arguments}, accelerator)
+    recipe = {"batch_size": 64, **DEFAULT_DISCRIMINATOR, **arguments}
+    result = run_once(_domains, pair, method, seed, steps, recipe, accelerator)
     print(
         f"{pair} {method} {variant} seed {seed}: acc {result['target_acc']:.2f} im {result['im_score']:.4f} "
         f"{result['seconds']:.0f} s",
