@@ -37,9 +37,9 @@ class DomainDiscriminator(nn.Module):
     """Tells source from target: ``(B, in_features)`` → domain logits ``(B,)`` (source = 1, target = 0).
 
     ``layers`` times ``Linear → BatchNorm → ReLU``, then ``Linear(hidden, 1)``. The default (two layers of
-    1024) is the discriminator of Transfer-Learning-Library and of DANN's larger benchmarks (Ganin et al.,
-    JMLR 2016, Fig. 4b); DANN's MNIST network uses one layer of 100 (Fig. 4a). Returns logits instead of a
-    sigmoid so that the loss is ``binary_cross_entropy_with_logits``, which is safe under autocast.
+    1024) is Transfer-Learning-Library's; the MNIST network of DANN (Ganin et al., JMLR 2016, Fig. 4) has one
+    layer of 100. Returns logits instead of a sigmoid so that the loss is
+    ``binary_cross_entropy_with_logits``, which is safe under autocast.
     """
 
     def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, layers: int = 2) -> None:
