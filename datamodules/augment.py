@@ -4,10 +4,14 @@ held in memory as prepared tensors, where a per-sample PIL transform would cost 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from datamodules.samplers import mix_seed
+from tlmodules.random_state import gather_per_process, select_process
 
 
 class RandomAffineBatch(nn.Module):
@@ -21,7 +25,12 @@ class RandomAffineBatch(nn.Module):
         padding_mode: what fills the area the image leaves (``border`` repeats the edge pixels, which
             for digits is the background; see ``torch.nn.functional.grid_sample``).
 
-    Draws from torch's global generator, so ``seed_everything`` makes runs repeatable.
+    Draws its few parameters on the CPU and moves them to the images' device. Alone it draws from torch's
+    global CPU generator (``seed_everything`` makes runs repeatable); a datamodule gives it a generator of its
+    own (:meth:`manual_seed`, :func:`seed_for_process`), whose state the datamodule saves in checkpoints
+    (:meth:`get_rng_state`): it runs in ``on_after_batch_transfer``, before the training stream's random state is
+    restored (``tlmodules.random_state``), so the global generator would differ between an uninterrupted and a
+    resumed run.
     """
 
     def __init__(
@@ -38,21 +47,39 @@ class RandomAffineBatch(nn.Module):
                 f"got degrees={degrees}, translate={translate}, scale={scale}"
             )
         self.degrees, self.translate, self.scale, self.padding_mode = degrees, translate, tuple(scale), padding_mode
+        self.generator: torch.Generator | None = None  # None: torch's global CPU generator
+
+    def manual_seed(self, seed: int) -> RandomAffineBatch:
+        """Draw from a CPU generator of its own, seeded with ``seed``, from now on."""
+        self.generator = torch.Generator().manual_seed(seed)
+        return self
+
+    def get_rng_state(self) -> Tensor | None:
+        """Its own generator's state (a uint8 tensor); ``None`` while it draws from the global generator."""
+        return None if self.generator is None else self.generator.get_state()
+
+    def set_rng_state(self, state: Tensor) -> None:
+        """Continue from a :meth:`get_rng_state` state (with a generator of its own from now on)."""
+        if self.generator is None:
+            self.generator = torch.Generator()
+        self.generator.set_state(state.to(torch.uint8).cpu())
 
     def matrices(self, batch: int, device: torch.device) -> Tensor:
-        """Sampling grids' affine maps ``(B, 2, 3)`` (output → input coordinates in ``[-1, 1]``)."""
+        """Sampling grids' affine maps ``(B, 2, 3)`` (output → input coordinates in ``[-1, 1]``), drawn on the
+        CPU (from :attr:`generator`) and moved to ``device``."""
 
         def uniform(low: float, high: float) -> Tensor:
-            return torch.rand(batch, device=device) * (high - low) + low
+            return torch.rand(batch, generator=self.generator) * (high - low) + low
 
         angle = uniform(-self.degrees, self.degrees) * (math.pi / 180.0)
         zoom = uniform(*self.scale)
         shift_x = uniform(-self.translate, self.translate) * 2.0  # a fraction of the width is 2× in [-1, 1]
         shift_y = uniform(-self.translate, self.translate) * 2.0
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        return torch.stack(
+        theta = torch.stack(
             [torch.stack([cos, -sin, shift_x], -1), torch.stack([sin, cos, shift_y], -1)], dim=1
         )  # the inverse map: sampling at R(θ)/s · x + t shows the content rotated by -θ, zoomed by s
+        return theta.to(device)
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4:
@@ -67,3 +94,29 @@ class RandomAffineBatch(nn.Module):
             f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}, "
             f"padding_mode={self.padding_mode!r}"
         )
+
+
+def seed_for_process(augment: Any, seed: int, trainer: Any) -> None:
+    """Give a batch augmentation without a generator of its own one seeded by ``seed`` and this process's rank
+    (under DDP each process augments its own samples differently); one that has a generator (seeded before,
+    or restored from a checkpoint) keeps it."""
+    if augment is None or not callable(getattr(augment, "manual_seed", None)) or augment.get_rng_state() is not None:
+        return
+    rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+    augment.manual_seed(mix_seed(seed, "batch_augment", rank))
+
+
+def augment_state(augment: Any, trainer: Any) -> list[dict[str, Tensor]] | None:
+    """Every process's generator state of ``augment`` (a collective under DDP, see
+    :func:`tlmodules.random_state.gather_per_process`); ``None`` when it has no generator of its own."""
+    state = augment.get_rng_state() if callable(getattr(augment, "get_rng_state", None)) else None
+    return None if state is None else gather_per_process(trainer, {"generator": state})
+
+
+def load_augment_state(augment: Any, states: list[dict[str, Tensor]], trainer: Any) -> None:
+    """Continue this process's generator of ``augment`` from an :func:`augment_state` list."""
+    if not callable(getattr(augment, "set_rng_state", None)):
+        return
+    mine = select_process(trainer, states, "batch augmentation generators")
+    if mine is not None:
+        augment.set_rng_state(mine["generator"])

@@ -4,11 +4,17 @@ Under DDP Lightning replaces a loader's sampler with a ``DistributedSampler`` th
 shard to the same length by repeating samples: fine for training, but a validation or test metric then
 counts a few samples twice. :func:`evaluation_sampler` shards evaluation data without repeats instead
 (ranks may differ by one sample), so synchronised metrics equal those over the whole split.
+
+Training samplers are :class:`ResumableSampler` subclasses: one iteration is a *pass* ``(epoch, cycle)`` whose
+order is a pure function of ``(seed, epoch, cycle)`` and the process's shard, and a pass can start part-way, so a run
+resumed mid-epoch (:class:`datamodules.loaders.ResumableLoader` keeps the count) reads what the uninterrupted
+run would have read. :class:`ShuffledSampler` shuffles like ``DistributedSampler``;
 :class:`LengthGroupedSampler` orders training text into batches of similar lengths, sharded per process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,7 +37,69 @@ def evaluation_sampler(dataset: Dataset, trainer: Any) -> UnrepeatedDistributedS
     return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=trainer.global_rank, shuffle=False)
 
 
-class LengthGroupedSampler(DistributedSampler):
+def mix_seed(*parts: int | str) -> int:
+    """A seed in ``[0, 2**63)`` that depends on every part (a hash of their ``repr``).
+
+    Unlike ``seed + epoch``, neighbouring inputs (seed 0 epoch 1, seed 1 epoch 0, or the same numbers for
+    another purpose, named by a string part) give unrelated seeds. It fits an int64 tensor and
+    ``torch.Generator.manual_seed``.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ResumableSampler(DistributedSampler):
+    """A training sampler whose every iteration is one pass ``(epoch, cycle)`` that may start part-way.
+
+    ``epoch`` comes from :meth:`set_epoch` (Lightning calls it every epoch; it keeps a ``DistributedSampler``
+    subclass as it is, so this also shards under DDP). ``cycle`` counts re-reads within an epoch: a
+    ``CombinedLoader("max_size_cycle")`` iterates its shorter side again, and each re-read should get a fresh
+    order, not the same one again. ``skip`` drops the first samples of the pass (those a resumed run already
+    trained on). The loader sets ``cycle`` and ``skip`` through :meth:`start_pass`; nothing else is hidden, so
+    the loader's ``(epoch, cycle, batches consumed)`` is the whole position.
+
+    Subclasses implement :meth:`pass_order`: this process's samples for the current pass, a pure function of
+    ``seed``, ``epoch``, ``cycle``, ``num_replicas`` and ``rank``.
+    """
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        self.cycle = 0
+        self.skip = 0
+
+    def start_pass(self, cycle: int, skip: int) -> None:
+        """The next iteration reads pass ``(self.epoch, cycle)`` from its ``skip``-th sample on."""
+        if cycle < 0 or skip < 0:
+            raise ValueError(f"cycle and skip must be >= 0, got {cycle} and {skip}")
+        self.cycle, self.skip = cycle, skip
+
+    def pass_key(self) -> int:
+        """The seed of the current pass: per-item random transforms draw from it (``set_pass`` of a dataset)."""
+        return mix_seed(self.seed, self.epoch, self.cycle)
+
+    def pass_order(self) -> list[int]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.pass_order()[self.skip :])
+
+
+class ShuffledSampler(ResumableSampler):
+    """Shuffled training order: in cycle 0 of an epoch exactly ``DistributedSampler``'s (a permutation seeded by
+    ``seed + epoch``, padded by repeating samples to a multiple of ``num_replicas``, every ``num_replicas``-th
+    sample to this process); a re-read in the same epoch (cycle > 0) permutes this process's shard again, seeded
+    by :meth:`pass_key`, so processes stay disjoint and each cycle is a fresh order.
+    """
+
+    def pass_order(self) -> list[int]:
+        shard = list(DistributedSampler.__iter__(self))
+        if self.cycle:
+            generator = torch.Generator().manual_seed(self.pass_key())
+            shard = [shard[i] for i in torch.randperm(len(shard), generator=generator).tolist()]
+        return shard
+
+
+class LengthGroupedSampler(ResumableSampler):
     """Training order whose consecutive runs of ``batch_size`` samples have similar lengths.
 
     Random batches of sentences are padded to their longest member, so most of their tokens are padding.
@@ -43,7 +111,8 @@ class LengthGroupedSampler(DistributedSampler):
     samples to a multiple of the number of processes, and each process takes every ``num_replicas``-th batch,
     so every process runs the same number of batches (a process's one short batch comes last). It is a
     ``DistributedSampler``, so Lightning keeps it and calls :meth:`set_epoch` every epoch; the loader must
-    read it in order with the same ``batch_size``.
+    read it in order with the same ``batch_size``. A re-read within an epoch (cycle > 0, see
+    :class:`ResumableSampler`) shuffles this process's full batches again, seeded by :meth:`pass_key`.
 
     Args:
         lengths: the length (e.g. token count) of every sample of the dataset.
@@ -63,13 +132,13 @@ class LengthGroupedSampler(DistributedSampler):
         group_batches: int = 50,
     ) -> None:
         self.lengths = [int(n) for n in lengths]
-        super().__init__(self.lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        super().__init__(len(self.lengths), num_replicas=num_replicas, rank=rank, seed=seed)
         if batch_size <= 0 or group_batches <= 0:
             raise ValueError(f"batch_size and group_batches must be positive, got {batch_size} and {group_batches}")
         self.batch_size = batch_size
         self.group_batches = group_batches
 
-    def __iter__(self) -> Iterator[int]:
+    def pass_order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         order += (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
@@ -79,16 +148,36 @@ class LengthGroupedSampler(DistributedSampler):
         cut = full_batches * self.batch_size * self.num_replicas
         batches = [order[s : s + self.batch_size] for s in range(0, cut, self.batch_size)]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        mine = [i for batch in batches[self.rank :: self.num_replicas] for i in batch]
+        batches = batches[self.rank :: self.num_replicas]
+        if self.cycle:
+            again = torch.Generator().manual_seed(self.pass_key())
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=again).tolist()]
+        mine = [i for batch in batches for i in batch]
         mine += order[cut + self.rank * short : cut + (self.rank + 1) * short]
-        return iter(mine)
+        return mine
 
     def _longest_first(self, index: int) -> int:
         return -self.lengths[index]
 
 
+def _processes(trainer: Any) -> tuple[int, int]:
+    """``(world_size, rank)`` of ``trainer`` (one process when ``trainer`` is ``None``)."""
+    world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    return world_size, trainer.global_rank if world_size > 1 else 0
+
+
 def length_grouped_sampler(lengths: Sequence[int], batch_size: int, trainer: Any, seed: int) -> LengthGroupedSampler:
     """A :class:`LengthGroupedSampler` for ``trainer``'s processes (one process when ``trainer`` is ``None``)."""
-    world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
-    rank = trainer.global_rank if world_size > 1 else 0
+    world_size, rank = _processes(trainer)
     return LengthGroupedSampler(lengths, batch_size, num_replicas=world_size, rank=rank, seed=seed)
+
+
+def training_sampler(
+    size: int, batch_size: int, trainer: Any, seed: int, lengths: Sequence[int] | None = None
+) -> ResumableSampler:
+    """The training sampler for ``trainer``'s processes: length-grouped batches where ``lengths`` are given,
+    else a :class:`ShuffledSampler`."""
+    if lengths is not None:
+        return length_grouped_sampler(lengths, batch_size, trainer, seed)
+    world_size, rank = _processes(trainer)
+    return ShuffledSampler(size, num_replicas=world_size, rank=rank, seed=seed)

@@ -308,27 +308,33 @@ def test_predictions_are_written_per_task_in_the_targets_units(tmp_path: Path) -
 
 
 def test_bf16_mixed_reaches_the_fp32_validation_metrics() -> None:
-    """Uncertainty weighting, 12 epochs on the three-task problem: under bf16-mixed autocast really runs, the
-    weights and log-variances stay fp32, and every task's validation metric is within a stated tolerance of
-    fp32's (accuracy ±0.05, RMSE ±15 %)."""
+    """Uncertainty weighting, 12 epochs on the three-task problem, seeds 0–2: under bf16-mixed autocast really
+    runs, the weights and log-variances stay fp32, and every task's validation metric, averaged over the seeds,
+    is within a stated tolerance of fp32's (accuracy ±0.05, RMSE ±15 %). One seed alone is not enough: bf16's
+    rounding sends a 12-epoch run down another path, and single seeds differ by up to 6 of the 96 samples."""
     train, val = samples(192, seed=1, missing=0.2), samples(96, seed=2)
-    results: dict[str, dict[str, float]] = {}
-    for precision in ("32-true", "bf16-mixed"):
-        pl.seed_everything(0)
-        model = make_model(weighting="uncertainty", lr=0.03)
-        dtypes: list[torch.dtype] = []
-        model.heads["load"].register_forward_hook(lambda m, args, out, seen=dtypes: seen.append(out.dtype))
-        run = trainer(max_epochs=12, precision=precision)
-        run.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=96))
-        expected = torch.float32 if precision == "32-true" else torch.bfloat16
-        assert set(dtypes) == {expected}
-        assert all(p.dtype == torch.float32 for p in model.parameters())
-        results[precision] = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("val/")}
-    fp32, bf16 = results["32-true"], results["bf16-mixed"]
-    assert fp32["val/digit/acc"] >= 0.8 and fp32["val/flag/acc"] >= 0.8 and fp32["val/load/r2"] >= 0.8
-    assert abs(bf16["val/digit/acc"] - fp32["val/digit/acc"]) <= 0.05
-    assert abs(bf16["val/flag/acc"] - fp32["val/flag/acc"]) <= 0.05
-    assert bf16["val/load/rmse"] == pytest.approx(fp32["val/load/rmse"], rel=0.15)
+    results: dict[str, list[dict[str, float]]] = {"32-true": [], "bf16-mixed": []}
+    for seed in range(3):
+        for precision in results:
+            pl.seed_everything(seed)
+            model = make_model(weighting="uncertainty", lr=0.03)
+            dtypes: list[torch.dtype] = []
+            model.heads["load"].register_forward_hook(lambda m, args, out, seen=dtypes: seen.append(out.dtype))
+            run = trainer(max_epochs=12, precision=precision)
+            run.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=96))
+            expected = torch.float32 if precision == "32-true" else torch.bfloat16
+            assert set(dtypes) == {expected}
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+            results[precision].append({k: float(v) for k, v in run.callback_metrics.items() if k.startswith("val/")})
+
+    def mean(precision: str, name: str) -> float:
+        return sum(r[name] for r in results[precision]) / len(results[precision])
+
+    assert mean("32-true", "val/digit/acc") >= 0.8 and mean("32-true", "val/flag/acc") >= 0.8
+    assert mean("32-true", "val/load/r2") >= 0.8
+    assert abs(mean("bf16-mixed", "val/digit/acc") - mean("32-true", "val/digit/acc")) <= 0.05
+    assert abs(mean("bf16-mixed", "val/flag/acc") - mean("32-true", "val/flag/acc")) <= 0.05
+    assert mean("bf16-mixed", "val/load/rmse") == pytest.approx(mean("32-true", "val/load/rmse"), rel=0.15)
 
 
 def multilabel_samples(n: int, seed: int, missing: float = 0.0) -> list[dict[str, Any]]:

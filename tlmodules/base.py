@@ -24,8 +24,10 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from tlmodules.backbones import Backbone, build_backbone
+from tlmodules.errors import ConfigError
 from tlmodules.hardware import PrecisionHardwareCheck
 from tlmodules.outputs import OutputFolderCheck
+from tlmodules.random_state import TrainingRandomState
 from tlmodules.schedules import lr_shape
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -47,7 +49,7 @@ def check_label_range(labels: Tensor, num_classes: int) -> None:
     """A clear error for a class label outside ``0 … num_classes - 1`` (``-100``, ignored, is allowed)."""
     bad = labels[(labels != -100) & ((labels < 0) | (labels >= num_classes))]
     if bad.numel():
-        raise ValueError(
+        raise ConfigError(
             f"label {int(bad[0])} is outside the model's {num_classes} classes (0 … {num_classes - 1}); give "
             f"num_classes that covers every label, or map the labels to 0 … {num_classes - 1} in the data"
         )
@@ -153,7 +155,7 @@ class TransferModule(pl.LightningModule):
         elif hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0, fused=fused)
         else:
-            raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose adamw or sgd")
+            raise ConfigError(f"unknown optimizer {hp.optimizer!r}; choose adamw or sgd")
 
         def factor_for(base_name: str):
             def factor(step: int) -> float:
@@ -190,8 +192,10 @@ class TransferModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Output folders that cannot be written fail the run before it starts (:mod:`tlmodules.outputs`); a
-        bf16 precision on a CPU that only emulates bf16 is warned about (:mod:`tlmodules.hardware`)."""
-        return [OutputFolderCheck(), PrecisionHardwareCheck()]
+        bf16 precision on a CPU that only emulates bf16 is warned about (:mod:`tlmodules.hardware`); training
+        keeps its own random stream, carried per process in checkpoints, so a resumed run repeats the
+        uninterrupted one (:mod:`tlmodules.random_state`), in the Python API as in the CLI."""
+        return [OutputFolderCheck(), PrecisionHardwareCheck(), TrainingRandomState()]
 
     # -- a NaN or infinite loss stops the run before the backward pass ---------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -277,7 +281,7 @@ class TransferModule(pl.LightningModule):
     def size_classifier(self, num_classes: int) -> None:
         """Build the classifier and its metrics for ``num_classes`` and record the number."""
         if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"num_classes={num_classes!r}: a classifier needs at least 2 classes (softmax over the labels). "
                 "Leave num_classes out to take it from the data, or give the label set's size"
             )
@@ -302,12 +306,12 @@ class TransferModule(pl.LightningModule):
             return
         if self.num_classes is None:
             if data_classes is None:
-                raise ValueError(
+                raise ConfigError(
                     "num_classes is unknown: pass num_classes=<n> or use a datamodule with a num_classes attribute"
                 )
             self.size_classifier(int(data_classes))
         elif data_classes is not None and int(data_classes) != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"num_classes={self.num_classes} in the model disagrees with the data, which has "
                 f"{data_classes} classes ({getattr(datamodule, 'class_names', None)}); set num_classes={data_classes}"
             )
@@ -321,7 +325,7 @@ class TransferModule(pl.LightningModule):
 
     def require_classifier(self) -> None:
         if self.num_classes is None:
-            raise ValueError(
+            raise ConfigError(
                 "the model has no head yet: give num_classes, a datamodule with labels, or ckpt_path=<checkpoint>"
             )
 
@@ -418,9 +422,9 @@ class TransferModule(pl.LightningModule):
         """Refuse a checkpoint written by another module type, with a message that says so."""
         meta = checkpoint.get("tlmodules")
         if meta is None:
-            raise ValueError("this checkpoint was not written by tlmodules (no 'tlmodules' entry)")
+            raise ConfigError("this checkpoint was not written by tlmodules (no 'tlmodules' entry)")
         if meta.get("module") != type(self).__name__:
-            raise ValueError(
+            raise ConfigError(
                 f"this checkpoint was written by {meta.get('module')}, not {type(self).__name__}; "
                 f"load it with {meta.get('module')}, or use it as a backbone with backbone='ckpt:<path>'"
             )
@@ -435,7 +439,7 @@ class TransferModule(pl.LightningModule):
             if self.hparams.get("class_names") is None and meta.get("class_names"):
                 self.update_hparams(class_names=list(meta["class_names"]))
         elif self.num_classes is not None and saved is not None and saved != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's head has {saved} classes but this model has {self.num_classes}; "
                 f"to reuse its backbone for a new label set use backbone='ckpt:<path>'"
             )
