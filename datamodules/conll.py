@@ -11,7 +11,13 @@ from torch.utils.data import Dataset, Subset
 
 from datamodules.base import ClassificationDataModule, seeded_split
 from datamodules.tables import DataError
-from datamodules.text import PadCollator, TextClassificationDataModule, token_counts
+from datamodules.text import (
+    PadCollator,
+    TextClassificationDataModule,
+    check_max_length_argument,
+    checked_max_length,
+    token_counts,
+)
 
 IGNORE_INDEX = -100
 DOCSTART = "-DOCSTART-"
@@ -117,6 +123,13 @@ def align_word_labels(
     return out
 
 
+def first_token_words(word_ids: Sequence[int | None]) -> list[int]:
+    """The words that have a first sub-token, in order: ``word_ids`` (T,) as a fast tokenizer's ``word_ids()``
+    gives them → the distinct word ids, special tokens (``None``) left out. These are the words that
+    :func:`align_word_labels` labels, in the same order."""
+    return [word for word in dict.fromkeys(word_ids) if word is not None]
+
+
 class TokenizedSentences(Dataset):
     """Pre-tokenized sentences: ``{"features": {"input_ids": [...][, "token_type_ids"]}, "labels": [...] (one
     per token, ``-100`` where ignored), "index": sentence number in its file (0-based)}``."""
@@ -142,7 +155,8 @@ class ConllDataModule(ClassificationDataModule):
     tags of the training file with ``"O"`` first; a val/test tag outside it is an error.
 
     Sentences are tokenized at setup with the backbone's fast tokenizer (or ``tokenizer``), words given as
-    split, truncated to ``max_length`` tokens. Batches: ``{"inputs": {"input_ids": (B, T), "attention_mask":
+    split, truncated to ``max_length`` tokens (default: 128, or the model's position limit when smaller; a value
+    above that limit is refused). Batches: ``{"inputs": {"input_ids": (B, T), "attention_mask":
     (B, T)[, "token_type_ids"]}, "labels": (B, T), "index": (B,)}``, padded per batch; ``labels`` holds the
     word's tag index on each word's first sub-token and -100 on later sub-tokens, special tokens and padding.
     Words beyond ``max_length`` after truncation get no label and are not scored. Predict batches have -1
@@ -166,7 +180,7 @@ class ConllDataModule(ClassificationDataModule):
         backbone: str | None = None,
         weights: str | None = None,
         tokenizer: str | None = None,
-        max_length: int = 128,
+        max_length: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         batch_size: int = 16,
@@ -176,9 +190,8 @@ class ConllDataModule(ClassificationDataModule):
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
         self.group_by_length = group_by_length
-        self.backbone_spec, self.backbone_weights = backbone, weights
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise DataError(f"max_length must be a positive integer, got {max_length!r}")
+        self.tokenizer, self.max_length = tokenizer, max_length
+        check_max_length_argument(max_length)
         for name, value in (("token_column", token_column), ("tag_column", tag_column)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise DataError(f"{name} must be a column position (an int, negative from the end), got {value!r}")
@@ -187,7 +200,7 @@ class ConllDataModule(ClassificationDataModule):
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
         if not any(self.files.values()):
             raise DataError("give at least train_file (or test_file / predict_file)")
-        self.tokenizer_source = tokenizer or TextClassificationDataModule._tokenizer_from_backbone(backbone, weights)
+        self.use_backbone(backbone, weights)
         self.data: dict[str, ConllFile] = {}
         for stage, path in self.files.items():
             if path is not None:
@@ -198,6 +211,13 @@ class ConllDataModule(ClassificationDataModule):
                 self._check_tags(data)
         self.sentences: dict[str, list[list[str]]] = {stage: data.words for stage, data in self.data.items()}
         self.tags: dict[str, list[list[str]]] = {stage: data.tags for stage, data in self.data.items()}
+        self.tagged_words: dict[str, list[list[int]]] = {}  # filled at setup, see prediction_words
+
+    def _apply_backbone(self) -> None:
+        spec, weights = self.backbone_spec, self.backbone_weights
+        self.tokenizer_source = self.tokenizer or TextClassificationDataModule._tokenizer_from_backbone(spec, weights)
+        model = self.tokenizer or spec
+        self.max_length = checked_max_length(self.hparams.max_length, self.tokenizer_source, model)
 
     def _class_names(self, labels: list[str] | None) -> list[str]:
         if labels is not None:
@@ -245,13 +265,14 @@ class ConllDataModule(ClassificationDataModule):
 
     def _encode(self, tokenizer, stage: str) -> TokenizedSentences:
         data = self.data[stage]
-        encodings = tokenizer(data.words, is_split_into_words=True, truncation=True, max_length=self.hparams.max_length)
+        encodings = tokenizer(data.words, is_split_into_words=True, truncation=True, max_length=self.max_length)
         if stage == "predict":
             word_labels = [[-1] * len(words) for words in data.words]
         else:
             index = {name: i for i, name in enumerate(self.class_names)}
             word_labels = [[index[tag] for tag in tags] for tags in data.tags]
         labels = [align_word_labels(encodings.word_ids(i), word_labels[i]) for i in range(len(data.words))]
+        self.tagged_words[stage] = [first_token_words(encodings.word_ids(i)) for i in range(len(data.words))]
         keep = [k for k in ("input_ids", "token_type_ids") if k in encodings]
         return TokenizedSentences({k: encodings[k] for k in keep}, labels)
 
@@ -269,14 +290,21 @@ class ConllDataModule(ClassificationDataModule):
             train_idx, val_idx = seeded_split(list(range(len(full))), self.val_fraction, self.seed)
             self.datasets["train"], self.datasets["val"] = Subset(full, train_idx), Subset(full, val_idx)
             self.sentences["val"], self.tags["val"] = self.sentences["train"], self.tags["train"]
+            self.tagged_words["val"] = self.tagged_words["train"]
 
     def sample_lengths(self, stage: str) -> list[int] | None:
         return token_counts(self.datasets[stage])
 
     def fingerprint(self, stage: str) -> str | None:
         hp = self.hparams
-        return self.file_fingerprint(stage, "conll", hp.token_column, hp.max_length, self.tokenizer_source)
+        return self.file_fingerprint(stage, "conll", hp.token_column, self.max_length, self.tokenizer_source)
 
     def prediction_id(self, index: int) -> str:
         """Sentence number (1-based, ``-DOCSTART-`` lines not counted) of the predicted sentence in ``predict_file``."""
         return str(index + 1)
+
+    def prediction_words(self, index: int) -> tuple[list[str], list[int]]:
+        """The words of predicted sentence ``index`` and the positions (0-based, in order) of those that have a
+        prediction: the words whose first sub-token is in the encoding. A word cut off by ``max_length``, or one
+        the tokenizer turns into no token at all (a lone soft hyphen), has none. Known after ``setup``."""
+        return self.sentences["predict"][index], self.tagged_words["predict"][index]

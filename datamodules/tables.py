@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tlmodules.errors import UserError
+
 TableFormat = Literal["auto", "csv", "tsv", "jsonl"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data or data configuration; the message names the file, the problem and the fix."""
 
 
@@ -72,7 +74,8 @@ def read_table(
 ) -> Table:
     """Read a whole table. ``quoting=False`` reads quote marks as ordinary characters (needed for
     sentence files whose text holds unbalanced quotes). Lines end only at ``\\n``/``\\r\\n``: other
-    Unicode line breaks inside a sentence stay in the sentence."""
+    Unicode line breaks inside a sentence stay in the sentence. A CSV/TSV row with more fields than the header
+    (without one: than the first row) is an error naming its line; a row with fewer has missing values."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{role} file {path} does not exist; check the path (relative paths start at {Path.cwd()})")
@@ -90,7 +93,7 @@ def read_table(
             quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE,
         )
         try:
-            rows = [row for row in reader if row]
+            rows = _even_rows(reader, path, fmt, header, quoting)
         except (csv.Error, UnicodeDecodeError) as err:
             raise DataError(f"cannot parse {path} as {fmt.upper()}: {err}") from err
     if header:
@@ -98,10 +101,49 @@ def read_table(
             raise DataError(f"{role} file {path} is empty")
         columns, rows = rows[0], rows[1:]
     else:
-        columns = [str(i) for i in range(max((len(r) for r in rows), default=0))]
+        columns = [str(i) for i in range(len(rows[0]) if rows else 0)]
     if not rows:
         raise DataError(f"{role} file {path} has no data rows")
     return Table(path, columns, rows, header)
+
+
+def _even_rows(reader: Any, path: Path, fmt: str, header: bool, quoting: bool) -> list[list[str]]:
+    """The non-blank rows of ``reader``, refusing a row with more fields than the first row (the header, or
+    the first data row without one): its extra fields would shift or drop columns silently, typically
+    because a field holds the separator. Extra fields that are all empty (a trailing separator) are dropped.
+    A shorter row stays as it is: its missing fields are missing values."""
+    rows: list[list[str]] = []
+    end_of_previous = 0  # reader.line_num after the previous record: a record may span several lines
+    for row in reader:
+        first_line, end_of_previous = end_of_previous + 1, reader.line_num
+        if not row:
+            continue
+        if rows and len(row) > len(rows[0]):
+            if any(row[len(rows[0]) :]):
+                raise DataError(_ragged_message(path, fmt, header, quoting, rows[0], row, first_line, reader.line_num))
+            row = row[: len(rows[0])]
+        rows.append(row)
+    return rows
+
+
+def _ragged_message(
+    path: Path, fmt: str, header: bool, quoting: bool, first: list[str], row: list[str], start: int, end: int
+) -> str:
+    lines = f"line {start}" if start == end else f"lines {start}-{end} (one record)"
+    reference = f"the header has {len(first)} ({first})" if header else f"the first row has {len(first)}"
+    separator = "a comma" if fmt == "csv" else "a tab"
+    if quoting:
+        fix = f'put the field holding {separator} in double quotes (a quote inside it doubled: "")'
+    else:
+        fix = f"remove or replace {separator} inside the field (quoting is off, so quotes do not protect it)"
+    other = "tsv" if fmt == "csv" else "csv"
+    return (
+        f"{path} {lines} has {len(row)} fields but {reference}: a field holds the separator ({separator}), or the "
+        f"file is not {fmt.upper()}. Fix: {fix}; or set file_format: {other} if the file is "
+        f"{'tab' if other == 'tsv' else 'comma'}-separated"
+        + ("" if quoting else ", or quoting: true if its fields are quoted")
+        + ("" if header else ", or fill in the first row's missing fields")
+    )
 
 
 def _read_jsonl(path: Path, role: str) -> Table:

@@ -1,8 +1,10 @@
-"""Writing predictions to a CSV file: input id, predicted label, one probability column per class."""
+"""Writing predictions to a CSV file: input id, predicted label, one probability column per class (one row per
+word for a tagger)."""
 
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from tlmodules.outputs import check_writable_folder
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predict`` results as CSV: ``id, label, prob_<class>…`` (``id, f0…`` for embeddings; per task
-    columns for a multi-task model, see :func:`task_rows`).
+    columns for a multi-task model, see :func:`task_rows`; one row per word for a token-level tagger, see
+    :func:`word_rows`).
 
     The id comes from the datamodule's ``prediction_id(index)`` (an image's relative path, a text
     row number) when it has one. With several processes each writes ``<stem>.rank<r>.csv``.
@@ -51,7 +54,9 @@ class PredictionWriter(BasePredictionWriter):
         path = self.target_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        if batches and "embeddings" in batches[0]:
+        if batches and "word_counts" in batches[0]:
+            header, rows = word_rows(batches, names, to_id, getattr(datamodule, "prediction_words", None), path)
+        elif batches and "embeddings" in batches[0]:
             header, rows = embedding_rows(batches, to_id)
         elif batches and "probs" not in batches[0] and getattr(pl_module, "tasks", None):
             header, rows = task_rows(batches, pl_module.tasks, to_id)
@@ -128,5 +133,66 @@ def task_rows(
             columns = {t["name"]: batch[t["name"]].float().cpu().tolist() for t in tasks}
             for i, index in enumerate(batch["index"].tolist()):
                 yield [to_id(index), *(cell for t in tasks for cell in cells(t, columns[t["name"]][i]))]
+
+    return header, rows()
+
+
+def word_rows(
+    batches: Sequence[dict[str, Any]],
+    names: list[str],
+    to_id: Callable[[int], str],
+    words_of: Callable[[int], tuple[list[str], list[int]]] | None,
+    path: Path | str = "predictions",
+) -> tuple[list[str], Rows]:
+    """A tagger's predictions, one row per word of the input in order: ``sentence, word_index, word, tag, prob``
+    (the sentence id, the word's 1-based position in it, the word, its most probable tag and that tag's
+    probability), or ``sentence, word_index, word, f0, f1, …`` for embeddings output.
+
+    ``words_of(index)`` (the datamodule's ``prediction_words``) gives a sentence's words and the positions of
+    those that have a prediction, one per ``word_counts`` row. A word without one (cut off by ``max_length``,
+    or tokenized to nothing) keeps its row with an empty tag and probability (empty features), and a warning
+    counts them. Without ``words_of`` the words are unknown: one row per prediction, the word left empty.
+    """
+    embeddings = "word_embeddings" in batches[0]
+    key = "word_embeddings" if embeddings else "word_probs"
+    width = batches[0][key].shape[-1]
+    header = ["sentence", "word_index", "word", *([f"f{i}" for i in range(width)] if embeddings else ["tag", "prob"])]
+
+    def cells(values: list[float] | None) -> list[str]:
+        if values is None:
+            return [""] * width if embeddings else ["", ""]
+        if embeddings:
+            return [f"{v:.6g}" for v in values]
+        best = max(range(len(values)), key=values.__getitem__)
+        return [names[best] if best < len(names) else str(best), f"{values[best]:.6f}"]
+
+    def rows() -> Rows:
+        untagged = sentences_cut = 0
+        for batch in batches:
+            counts = batch["word_counts"].tolist()
+            values = batch[key].float().cpu().tolist()
+            start = 0
+            for index, count in zip(batch["index"].tolist(), counts):
+                predicted = values[start : start + count]
+                start += count
+                words, positions = words_of(index) if words_of is not None else ([""] * count, list(range(count)))
+                if len(positions) != count:
+                    raise ValueError(
+                        f"sentence {to_id(index)} has {count} predicted words but the datamodule marks "
+                        f"{len(positions)} words with a first sub-token; predict with the datamodule that was set up"
+                    )
+                by_word = dict(zip(positions, predicted))
+                for position, word in enumerate(words):
+                    yield [to_id(index), str(position + 1), word, *cells(by_word.get(position))]
+                missing = len(words) - len(by_word)
+                untagged += missing
+                sentences_cut += missing > 0
+        if untagged:
+            warnings.warn(
+                f"{untagged} words of {sentences_cut} sentences have no prediction in {path} (their rows have an "
+                "empty tag and prob): cut off by max_length, or tokenized to nothing. Raise max_length (up to the "
+                "backbone's limit) or split long sentences to tag them",
+                stacklevel=2,
+            )
 
     return header, rows()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tlmodules.backbones import Backbone, TransformerBackbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.entities import EntityF1
+from tlmodules.errors import ConfigError
 from tlmodules.estimators import (
     ESTIMATORS,
     estimator_scores,
@@ -50,7 +51,8 @@ class FeatureProbeModule(TransferModule):
     ``labels`` ``(B, T)`` with ``-100`` where no word starts), with entity-level precision, recall
     and F1 next to token accuracy.
 
-    ``predict`` returns class probabilities or, with ``predict_output="embeddings"``, the features.
+    ``predict`` returns class probabilities or, with ``predict_output="embeddings"``, the features; at token
+    level one per word, which :class:`tlmodules.predictions.PredictionWriter` writes one CSV row per word.
     The first validation's features go to TensorBoard's projector, labelled by class.
 
     Args:
@@ -97,22 +99,22 @@ class FeatureProbeModule(TransferModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if level not in ("sequence", "token"):
-            raise ValueError(f"unknown level {level!r}; choose sequence or token")
+            raise ConfigError(f"unknown level {level!r}; choose sequence or token")
         if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise ConfigError(f"lr must be positive, got {lr}")
         self.backbone: Backbone = self.backbone_from_hparams(backbone)
         if level == "token" and not isinstance(self.backbone, TransformerBackbone):
-            raise ValueError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
+            raise ConfigError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         if classifier not in TRAINED_HEADS and classifier not in ESTIMATORS and "." not in classifier:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown classifier {classifier!r}; choose one of {[*TRAINED_HEADS, *sorted(ESTIMATORS)]} or a "
                 "scikit-learn classifier's class path such as 'sklearn.linear_model.RidgeClassifier'"
             )
         self.uses_estimator = classifier not in TRAINED_HEADS
         if self.uses_estimator and not cache_features:
-            raise ValueError("a scikit-learn classifier is fitted on the cached features: keep cache_features=True")
+            raise ConfigError("a scikit-learn classifier is fitted on the cached features: keep cache_features=True")
         self.linear_estimator = False
         if self.uses_estimator:
             from sklearn.linear_model._base import LinearClassifierMixin
@@ -161,7 +163,7 @@ class FeatureProbeModule(TransferModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         hparams = getattr(datamodule, "hparams", {})
         if stage == "fit" and (hparams.get("augment") or hparams.get("hflip")):
-            raise ValueError(
+            raise ConfigError(
                 "a feature probe computes each sample's features once; random augmentation would make the cached "
                 "features stale. Set augment: false and hflip: false on the datamodule (or fine-tune instead)"
             )
@@ -199,7 +201,7 @@ class FeatureProbeModule(TransferModule):
         cached = self.cache.lookup(split, keys) if keys is not None else None
         if self.hparams.level == "sequence":
             if labels is not None and labels.ndim != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"level='sequence' takes one label per input, but the batch's labels have shape "
                     f"{tuple(labels.shape)}: one per token (tagging data such as ConllDataModule's); set level='token'"
                 )
@@ -214,7 +216,7 @@ class FeatureProbeModule(TransferModule):
         if labels is None:
             raise ValueError("token-level batches need 'labels' (B, T) marking word starts (-100 elsewhere)")
         if labels.ndim != 2:
-            raise ValueError(
+            raise ConfigError(
                 f"level='token' needs one label per token, (B, T) with -100 where no word starts (as ConllDataModule "
                 f"gives), but the batch's labels have shape {tuple(labels.shape)}: for one label per input use "
                 "level='sequence'"
@@ -256,8 +258,12 @@ class FeatureProbeModule(TransferModule):
         return probs.clamp_min(1e-12).log().to(feats.device)
 
     def forward(self, inputs: Any) -> Tensor:
-        """Sequence level: inputs → logits ``(B, num_classes)`` (no cache; for use outside the Trainer)."""
+        """Inputs → logits without the cache (for use outside the Trainer): sequence level ``(B, num_classes)``;
+        token level ``(B, T, num_classes)``, one row per token (a word's tag is read at its first sub-token)."""
         with torch.no_grad():
+            if self.hparams.level == "token":
+                hidden = self.backbone.forward_tokens(inputs).float()
+                return self.classify(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
             feats = self.backbone(inputs).float()
         return self.classify(feats)
 
@@ -417,10 +423,17 @@ class FeatureProbeModule(TransferModule):
         self._projector_logged = True
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """``{"index": (B,), "probs": (B, C)}``, or ``{"index", "embeddings": (B, F)}`` for embeddings output."""
+        """Sequence level: ``{"index": (B,), "probs": (B, C)}``, or ``{"index", "embeddings": (B, F)}`` for
+        embeddings output. Token level: ``{"index": (B,), "word_counts": (B,), "word_probs": (N, C)}`` (or
+        ``"word_embeddings": (N, F)``), one row per word start of the batch in order, ``word_counts[b]`` of them
+        for sentence ``b`` (:func:`tlmodules.predictions.word_rows` writes them one row per word)."""
         feats, _, lengths = self.features(batch, "predict")
         if lengths is not None:
-            raise NotImplementedError("token-level predict is not offered yet; use test to score tagged files")
+            index = self.prediction_index(batch, len(lengths), dataloader_idx)
+            counts = torch.tensor(lengths, dtype=torch.long, device=feats.device)
+            if self.hparams.predict_output == "embeddings":
+                return {"index": index, "word_counts": counts, "word_embeddings": feats}
+            return {"index": index, "word_counts": counts, "word_probs": self.classify(feats).float().softmax(-1)}
         index = self.prediction_index(batch, len(feats), dataloader_idx)
         if self.hparams.predict_output == "embeddings":
             return {"index": index, "embeddings": feats}
@@ -456,14 +469,14 @@ class FeatureProbeModule(TransferModule):
         if not any(k.startswith("backbone.") for k in state):
             saved_digest = meta.get("backbone_digest")
             if saved_digest and saved_digest != self.backbone_digest():
-                raise ValueError(
+                raise ConfigError(
                     f"the backbone {meta.get('backbone', {}).get('spec')} now resolves to different weights than the "
                     "ones this probe was trained on; restore those weights, retrain, or save with save_backbone=True"
                 )
             state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
         classifier = meta.get("classifier", {})
         if self.uses_estimator and classifier.get("fitted") is False:
-            raise ValueError(
+            raise ConfigError(
                 f"this checkpoint of the {self.hparams.classifier} probe was saved during its feature pass "
                 f"(step {checkpoint.get('global_step')}), before the estimator was fitted; the features seen so far "
                 "are not in the checkpoint, so resuming would fit the estimator on part of the training data: "
