@@ -6,13 +6,15 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.samplers import evaluation_sampler, length_grouped_sampler
+from datamodules.augment import augment_state, load_augment_state, seed_for_process
+from datamodules.loaders import ResumableLoader
+from datamodules.samplers import evaluation_sampler, training_sampler
 from datamodules.tables import DataError
 
 
@@ -84,6 +86,17 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
+def checked_label_list(labels: Sequence[Any], what: str = "class", plural: str = "classes") -> list[str]:
+    """A user's fixed label list as strings: two or more, each named once."""
+    names = [str(v) for v in labels]
+    if len(names) < 2:
+        raise DataError(f"labels={names} names fewer than two {plural}; a classifier needs two or more")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"labels={names} names {twice} more than once; list each {what} once")
+    return names
+
+
 def label_set(values: Sequence[Any]) -> list[str]:
     """Sorted distinct label values as strings (numerically when they are all integers)."""
     keys = {_label_key(v) for v in values}
@@ -100,6 +113,10 @@ class ClassificationDataModule(pl.LightningDataModule):
     Subclasses fill ``self.class_names`` in ``__init__`` (so ``num_classes`` is known before
     the model is built) and ``self.datasets[stage]`` in ``setup``.
     """
+
+    # each split's file or folder can be given alone (test or predict without the training data, the label
+    # set then coming from the checkpoint through ``labels``); MultiTaskDataModule needs its training table
+    splits_stand_alone: ClassVar[bool] = True
 
     def __init__(self, batch_size: int, num_workers: int | None, val_fraction: float, seed: int) -> None:
         super().__init__()
@@ -131,30 +148,65 @@ class ClassificationDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def use_backbone(self, backbone: str | None, weights: str | None) -> None:
+        """Follow a backbone: its spec and weights decide the preprocessing (images) or the tokenizer (text).
+
+        The constructor calls it with its own ``backbone``/``weights`` (linked from the model in the CLI); a
+        composite datamodule (:class:`datamodules.DomainAdaptationDataModule`) calls it to pass the model's
+        backbone on to the datamodules it holds, which were built before the link could reach them.
+        """
+        self.backbone_spec, self.backbone_weights = backbone, weights
+        self._apply_backbone()
+
+    def _apply_backbone(self) -> None:
+        """Derive what the data needs from ``backbone_spec`` / ``backbone_weights`` (subclasses that have any)."""
+
+    def has_split(self, stage: str) -> bool:
+        """Whether ``stage`` (train / val / test / predict) has data, known from the arguments before ``setup``:
+        its own file or folder, or for ``val`` a ``val_fraction`` of the training data."""
+        if stage in self.datasets:
+            return True
+        sources = {**getattr(self, "files", {}), **getattr(self, "dirs", {})}
+        if sources.get(stage) is not None:
+            return True
+        return stage == "val" and sources.get("train") is not None and self.val_fraction > 0
+
+    def data_sources(self) -> dict[str, str]:
+        """The files or folders each split comes from (``{"train": path, ...}``), for run summaries."""
+        sources = {**getattr(self, "files", {}), **getattr(self, "dirs", {})}
+        return {stage: str(path) for stage, path in sources.items() if path is not None}
+
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        """Shuffled (training): a :class:`datamodules.loaders.ResumableLoader` over a sampler seeded by ``seed``
+        and the epoch, sharded per process, length-grouped where ``group_by_length`` and ``sample_lengths``
+        allow, so a checkpoint records the position and a resumed run reads the same batches. In order
+        (evaluation): a plain loader, sharded without repeats under DDP."""
         if stage not in self.datasets:
             raise DataError(f"no {stage} data: set the {stage} file or folder of {type(self).__name__}")
         dataset = self.datasets[stage]
-        lengths = self.sample_lengths(stage) if shuffle and self.group_by_length else None
-        if lengths is not None:
-            sampler = length_grouped_sampler(lengths, self.batch_size, self.trainer, self.seed)
-            shuffle = False  # the sampler shuffles (between batches) and shards
-        else:
-            sampler = None if shuffle else evaluation_sampler(dataset, self.trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate_fn,
-        )
+        common = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": self.collate_fn,
+        }
+        if not shuffle:
+            return DataLoader(dataset, sampler=evaluation_sampler(dataset, self.trainer), **common)
+        lengths = self.sample_lengths(stage) if self.group_by_length else None
+        sampler = training_sampler(len(dataset), self.batch_size, self.trainer, self.seed, lengths)  # type: ignore[arg-type]
+        return ResumableLoader(dataset, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
+        """The training loader; a ``batch_augment`` without a generator of its own gets one, seeded by ``seed`` and
+        the process (restored from a checkpoint before this is called, it keeps its state)."""
+        seed_for_process(self.batch_augment, self.seed, self.trainer)
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loader; none (an empty list, which Lightning takes as "no validation") when there is
+        no validation data (``val_fraction=0`` and no val file or folder)."""
+        if "val" not in self.datasets and self.datasets and not self.has_split("val"):
+            return []
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
@@ -196,9 +248,17 @@ class ClassificationDataModule(pl.LightningDataModule):
             raise DataError(f"the {stage} split is empty (from {source}); give it at least one sample")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names)}
+        """The label set, and every process's ``batch_augment`` generator state (a collective under DDP: Lightning
+        asks every process, rank 0 writes the file)."""
+        state: dict[str, Any] = {"class_names": list(self.class_names)}
+        augment = augment_state(self.batch_augment, self.trainer)
+        if augment is not None:
+            state["batch_augment"] = augment
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("batch_augment") is not None and self.batch_augment is not None:
+            load_augment_state(self.batch_augment, state_dict["batch_augment"], self.trainer)
         saved = state_dict.get("class_names")
         if saved is not None and not self.class_names:  # e.g. predict-only data: take the checkpoint's names
             self.class_names = list(saved)

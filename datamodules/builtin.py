@@ -42,11 +42,21 @@ class SklearnDigitsDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
-        self.backbone_spec, self.backbone_weights = backbone, weights
         self.class_names = [str(d) for d in range(10)]
-        preprocessing = resolve_preprocessing(backbone, weights) if isinstance(backbone, str) else None
-        self.transform = build_image_transform(preprocessing, image_size=image_size, in_channels=in_channels)
+        self.image_size, self.in_channels = image_size, in_channels
         self.test_fraction = test_fraction
+        self.use_backbone(backbone, weights)
+
+    def _apply_backbone(self) -> None:
+        spec, weights = self.backbone_spec, self.backbone_weights
+        preprocessing = resolve_preprocessing(spec, weights) if isinstance(spec, str) else None
+        self.transform = build_image_transform(preprocessing, image_size=self.image_size, in_channels=self.in_channels)
+
+    def has_split(self, stage: str) -> bool:
+        return stage in ("train", "val", "test", "predict")  # all drawn from load_digits() (val: 1 sample at least)
+
+    def data_sources(self) -> dict[str, str]:
+        return {"all": "sklearn.datasets.load_digits()"}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -110,7 +120,7 @@ class PreparedImages(Dataset):
 
 class InMemoryImageDataModule(ClassificationDataModule):
     """Images already in memory with labels, split seeded and stratified into train / validation
-    (the validation split doubles as the test split). Used to compose the embedded domain pair."""
+    (the validation split doubles as the test and predict split). Used to compose the embedded domain pair."""
 
     def __init__(
         self,
@@ -129,11 +139,18 @@ class InMemoryImageDataModule(ClassificationDataModule):
         self.transform = transform
         dataset = PreparedImages(ImageSamples(images, labels, transform))
         train, val = seeded_split(labels, val_fraction, seed)
-        self.datasets = {"train": Subset(dataset, train), "val": Subset(dataset, val), "test": Subset(dataset, val)}
+        held_out = Subset(dataset, val)  # validation, test and prediction: the same held-out images
+        self.datasets = {"train": Subset(dataset, train), "val": held_out, "test": held_out, "predict": held_out}
         self.name = name
 
     def setup(self, stage: str | None = None) -> None:
         return None
+
+    def data_sources(self) -> dict[str, str]:
+        return {"all": self.name}
+
+    def prediction_id(self, index: int) -> str:
+        return f"{self.name}[{index}]"
 
 
 class DigitsDomainDataModule(DomainAdaptationDataModule):

@@ -13,7 +13,8 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from datamodules.augment import RandomAffineBatch
-from datamodules.base import ClassificationDataModule, hash_json, seeded_split
+from datamodules.base import ClassificationDataModule, checked_label_list, hash_json, seeded_split
+from datamodules.samplers import mix_seed
 from datamodules.tables import DataError
 from tlmodules.backbones import Preprocessing, resolve_preprocessing
 
@@ -97,12 +98,30 @@ class ImageSamples(Dataset):
     """``(image source, label, id)`` triples → ``{"inputs", "labels", "index"}`` dicts.
 
     A source is a file path or an in-memory PIL image; ``label`` may be ``-1`` (unlabelled).
+
+    Random transforms (``augment``, ``hflip``) draw from torch's CPU generator, as torchvision's do. Once a
+    training loader has named the pass (:meth:`set_pass`, from :class:`datamodules.loaders.ResumableLoader`:
+    a seed of ``(seed, epoch, cycle)``), each item's draws are seeded by ``(pass key, index)``: the same image
+    whichever worker process reads it, in whatever order, and again in a resumed run. The key lives in shared
+    memory, so persistent workers (copies of this dataset made once) see each new pass. Before any pass is
+    named the transform draws from the global generator, as before.
     """
 
     def __init__(self, sources: Sequence[Any], labels: Sequence[int], transform: Callable) -> None:
         self.sources = list(sources)
         self.labels = list(labels)
         self.transform = transform
+        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # [named?, key]
+
+    def set_pass(self, key: int) -> None:
+        """Seed every item's random transform by ``(key, index)`` from now on."""
+        self._pass[1] = int(key)
+        self._pass[0] = 1
+
+    def item_seed(self, index: int) -> int | None:
+        """The seed of item ``index``'s random transform in the current pass; ``None`` before any pass."""
+        named, key = self._pass.tolist()
+        return mix_seed(key, index) if named else None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -114,7 +133,13 @@ class ImageSamples(Dataset):
         else:
             with Image.open(source) as handle:
                 image = handle.copy()
-        return {"inputs": self.transform(image), "labels": self.labels[index], "index": index}
+        seed = self.item_seed(index)
+        if seed is None:
+            return {"inputs": self.transform(image), "labels": self.labels[index], "index": index}
+        with torch.random.fork_rng(devices=[]):  # the caller's CPU stream stays as it was
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
+            inputs = self.transform(image)
+        return {"inputs": inputs, "labels": self.labels[index], "index": index}
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -128,8 +153,10 @@ class ImageFolderDataModule(ClassificationDataModule):
     Preprocessing comes from the backbone (``backbone``/``weights``, linked from the model in the
     CLI): channels, resize and crop, normalisation. ``image_size`` and ``in_channels`` override it.
     Every image is opened and checked once before training (``verify_images``), so a corrupt file
-    fails the run at the start, not hours in. ``batch_augment`` (a :class:`RandomAffineBatch`) transforms
-    whole training batches on their device, after the per-image ``augment``/``hflip``.
+    fails the run at the start, not hours in. ``labels`` fixes the class list and its order (class folders
+    outside it are an error); ``test``/``predict`` from a checkpoint get the checkpoint's classes this way.
+    ``batch_augment`` (a :class:`RandomAffineBatch`) transforms whole training batches on their device,
+    after the per-image ``augment``/``hflip``.
     """
 
     def __init__(
@@ -150,28 +177,38 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: int | None = None,
         verify_images: bool = True,
         batch_augment: RandomAffineBatch | None = None,
+        labels: list[str] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights", "batch_augment"])  # the model logs these
         self.batch_augment = batch_augment
-        self.backbone_spec, self.backbone_weights = backbone, weights
         if image_size is not None and image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
+        self.image_size, self.in_channels, self.augment, self.hflip = image_size, in_channels, augment, hflip
+        self.verify_images = verify_images
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir, "predict": predict_dir}
         for stage, folder in self.dirs.items():
             if folder is not None and not Path(folder).is_dir():
                 raise DataError(f"{stage}_dir {folder} is not a folder; check the path")
         if train_dir is None and predict_dir is None and test_dir is None:
             raise DataError("give at least train_dir (or test_dir / predict_dir for evaluation and prediction)")
-        reference = train_dir or test_dir
-        self.class_names = (
-            self._class_folders(Path(reference), "train_dir" if train_dir else "test_dir") if reference else []
-        )
-        preprocessing = resolve_preprocessing(backbone, weights) if isinstance(backbone, str) else None
-        common = {"image_size": image_size, "in_channels": in_channels}
-        self.eval_transform = build_image_transform(preprocessing, **common)
-        self.train_transform = build_image_transform(preprocessing, augment=augment, hflip=hflip, **common)
+        if labels is not None:
+            self.class_names = checked_label_list(labels, "class")
+        else:
+            reference = train_dir or test_dir
+            role = "train_dir" if train_dir else "test_dir"
+            self.class_names = self._class_folders(Path(reference), role) if reference else []
+        self.use_backbone(backbone, weights)
         self.predict_ids: list[str] = []
+
+    def _apply_backbone(self) -> None:
+        spec, weights = self.backbone_spec, self.backbone_weights
+        preprocessing = resolve_preprocessing(spec, weights) if isinstance(spec, str) else None
+        if preprocessing is not None and preprocessing.kind != "image":
+            raise DataError(f"backbone {spec} is a text model; image folders need an image backbone")
+        common = {"image_size": self.image_size, "in_channels": self.in_channels}
+        self.eval_transform = build_image_transform(preprocessing, **common)
+        self.train_transform = build_image_transform(preprocessing, augment=self.augment, hflip=self.hflip, **common)
 
     def fingerprint(self, stage: str) -> str | None:
         """The stage's folder listing (relative path, size, modification time) and the eval transform.
@@ -215,7 +252,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         return paths, labels
 
     def _verify(self, paths: Sequence[Path]) -> None:
-        if not self.hparams.verify_images:
+        if not self.verify_images:
             return
         bad = find_corrupt_images(paths)
         if bad:

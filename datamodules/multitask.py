@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset
 from datamodules.base import ClassificationDataModule, files_digest, label_set, map_labels, seeded_split
 from datamodules.images import build_image_transform
 from datamodules.tables import DataError, Table, TableFormat, merge_tables, read_table
-from datamodules.text import PadCollator, TextClassificationDataModule
+from datamodules.text import PadCollator, TextClassificationDataModule, check_max_length_argument, checked_max_length
 from tlmodules.backbones import resolve_preprocessing
 
 TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
@@ -187,12 +187,15 @@ class MultiTaskDataModule(ClassificationDataModule):
         image_column: the image-path column (``input_kind="image"``).
         backbone, weights: the backbone spec whose tokenizer (text) or preprocessing (image) to use; linked
             from the model in the CLI.
-        max_length: longest tokenized text (text input).
+        max_length: longest tokenized text (text input); default 128, or the backbone's position limit when
+            smaller. A value above that limit is refused.
         file_format: ``auto`` (by suffix), ``csv``, ``tsv`` or ``jsonl``.
         header: whether CSV/TSV files start with a header row (without one, columns are named "0", "1", ...).
         val_fraction, seed: the held-out validation split of ``train_file``.
         batch_size, num_workers: the loaders' batch size and worker processes (``None``: up to 4).
     """
+
+    splits_stand_alone: ClassVar[bool] = False  # label sets and feature scaling come from train_file
 
     def __init__(
         self,
@@ -207,7 +210,7 @@ class MultiTaskDataModule(ClassificationDataModule):
         image_column: str | None = None,
         backbone: str | None = None,
         weights: str | None = "DEFAULT",
-        max_length: int = 128,
+        max_length: int | None = None,
         file_format: TableFormat = "auto",
         header: bool = True,
         val_fraction: float = 0.2,
@@ -217,11 +220,9 @@ class MultiTaskDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights", "tasks"])  # the model logs these (tasks completed)
-        self.backbone_spec, self.backbone_weights = backbone, weights
         if input_kind not in INPUT_KINDS:
             raise DataError(f"input_kind={input_kind!r} is not one of {list(INPUT_KINDS)}; choose one of them")
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise DataError(f"max_length must be a positive integer, got {max_length!r}")
+        check_max_length_argument(max_length)
         if train_file is None:
             raise DataError("give train_file: the task label sets and the feature scaling come from it")
         self.input_kind = input_kind
@@ -251,16 +252,22 @@ class MultiTaskDataModule(ClassificationDataModule):
         for stage, table in self.tables.items():  # fail now on a bad label, not after an epoch
             self.targets[stage] = {task["name"]: self._encode_labels(task, table, stage) for task in self.tasks}
         self.tasks = [self._with_target_scale(task) for task in self.tasks]
-        self.tokenizer_source: str | None = None
-        self.image_transform: Callable | None = None
-        if input_kind == "text":
-            self.tokenizer_source = TextClassificationDataModule._tokenizer_from_backbone(backbone, weights)
-        elif input_kind == "image":
-            preprocessing = resolve_preprocessing(backbone, weights) if isinstance(backbone, str) else None
-            if preprocessing is not None and preprocessing.kind != "image":
-                raise DataError(f"backbone {backbone} is a text model; image input needs an image backbone")
-            self.image_transform = build_image_transform(preprocessing)
+        self.use_backbone(backbone, weights)
         self.scaler: FeatureScaler | None = None
+
+    def _apply_backbone(self) -> None:
+        spec, weights = self.backbone_spec, self.backbone_weights
+        self.tokenizer_source: str | None = None
+        self.max_length: int | None = None  # text input: the length texts are truncated to
+        self.image_transform: Callable | None = None
+        if self.input_kind == "text":
+            self.tokenizer_source = TextClassificationDataModule._tokenizer_from_backbone(spec, weights)
+            self.max_length = checked_max_length(self.hparams.max_length, self.tokenizer_source, spec)
+        elif self.input_kind == "image":
+            preprocessing = resolve_preprocessing(spec, weights) if isinstance(spec, str) else None
+            if preprocessing is not None and preprocessing.kind != "image":
+                raise DataError(f"backbone {spec} is a text model; image input needs an image backbone")
+            self.image_transform = build_image_transform(preprocessing)
 
     # -- configuration checks ----------------------------------------------------------------------
     @staticmethod
@@ -542,7 +549,7 @@ class MultiTaskDataModule(ClassificationDataModule):
 
     def _tokenize(self, tokenizer, table: Table) -> list[dict[str, list[int]]]:
         texts = ["" if is_missing(t) else str(t) for t in table.column(self.input_columns[0], "text")]
-        encodings = tokenizer(texts, truncation=True, max_length=self.hparams.max_length)
+        encodings = tokenizer(texts, truncation=True, max_length=self.max_length)
         keep = [k for k in ("input_ids", "token_type_ids") if k in encodings]
         return [{k: encodings[k][i] for k in keep} for i in range(len(texts))]
 
@@ -634,7 +641,7 @@ class MultiTaskDataModule(ClassificationDataModule):
         hp = self.hparams
         settings: list[Any] = [self.input_kind, self.input_columns, hp.file_format, hp.header]
         if self.input_kind == "text":
-            settings += [hp.max_length, self.tokenizer_source]
+            settings += [self.max_length, self.tokenizer_source]
         elif self.input_kind == "image":
             settings.append(repr(self.image_transform))
         elif self.scaler is not None:

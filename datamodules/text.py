@@ -8,9 +8,35 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from datamodules.base import ClassificationDataModule, label_set, map_labels, seeded_split
+from datamodules.base import ClassificationDataModule, checked_label_list, label_set, map_labels, seeded_split
 from datamodules.tables import DataError, Table, TableFormat, read_table
 from tlmodules.backbones import resolve_preprocessing
+from tlmodules.positions import position_limit
+
+DEFAULT_MAX_LENGTH = 128
+
+
+def check_max_length_argument(max_length: int | None) -> None:
+    """Refuse a ``max_length`` that is not a positive integer (``None`` is the default, see
+    :func:`checked_max_length`)."""
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0):
+        raise DataError(f"max_length must be a positive integer, got {max_length!r}")
+
+
+def checked_max_length(max_length: int | None, tokenizer_source: str | None, model: str | None) -> int:
+    """The length to truncate tokenized texts to. A ``max_length`` above the position limit of the model at
+    ``tokenizer_source`` (:func:`tlmodules.positions.position_limit`) is refused now: the tokenizer would keep
+    such texts and the model fail on the first one, mid-run. ``None`` (the default) is 128, or the limit when
+    that is smaller. ``model`` names the model in the message (the backbone spec or tokenizer)."""
+    limit = position_limit(tokenizer_source) if tokenizer_source is not None else None
+    if max_length is None:
+        return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
+    if limit is not None and max_length > limit:
+        raise DataError(
+            f"max_length {max_length} is above the {limit} positions of {model or tokenizer_source}; "
+            f"set max_length to {limit} or less"
+        )
+    return max_length
 
 
 class TokenizedTexts(Dataset):
@@ -92,7 +118,8 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     The tokenizer comes from the backbone (``backbone``, linked from the model in the CLI) or
     ``tokenizer`` (a folder or hub id). Sentences are tokenized once at setup, truncated to
-    ``max_length``, and padded per batch. ``group_by_length`` makes training batches of sentences of
+    ``max_length`` tokens (default: 128, or the model's position limit when smaller; a value above that limit
+    is refused), and padded per batch. ``group_by_length`` makes training batches of sentences of
     similar lengths (:class:`datamodules.samplers.LengthGroupedSampler`, shuffled between batches and sharded
     under DDP), which pads far less than random batches.
     """
@@ -112,7 +139,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         backbone: str | None = None,
         weights: str | None = None,
         tokenizer: str | None = None,
-        max_length: int = 128,
+        max_length: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
         batch_size: int = 32,
@@ -122,9 +149,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
         self.group_by_length = group_by_length
-        self.backbone_spec, self.backbone_weights = backbone, weights
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise DataError(f"max_length must be a positive integer, got {max_length!r}")
+        self.tokenizer, self.max_length = tokenizer, max_length
+        check_max_length_argument(max_length)
         if header is None:
             header = isinstance(text_column, str) and not text_column.isdigit()
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
@@ -139,14 +165,9 @@ class TextClassificationDataModule(ClassificationDataModule):
                     self.tables[stage].column_index(label_column, "label")
         reference = self.tables.get("train") or self.tables.get("test") or self.tables.get("val")
         if labels is not None:
-            self.class_names = [str(v) for v in labels]
+            self.class_names = checked_label_list(labels)
         elif reference is not None:
             self.class_names = label_set(reference.column(label_column, "label"))
-        if labels is not None and len(self.class_names) < 2:
-            raise DataError(f"labels={self.class_names} names fewer than two classes; a classifier needs two or more")
-        if len(set(self.class_names)) != len(self.class_names):
-            twice = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
-            raise DataError(f"labels={self.class_names} names {twice} more than once; list each class once")
         if reference is not None and len(self.class_names) < 2:
             raise DataError(
                 f"{reference.path} has fewer than two distinct labels ({self.class_names}) in label column "
@@ -155,7 +176,13 @@ class TextClassificationDataModule(ClassificationDataModule):
         for stage, table in self.tables.items():  # fail now on a label outside the set, not after an epoch
             if stage != "predict":
                 map_labels(table.column(label_column, "label"), self.class_names, str(table.path), label_column)
-        self.tokenizer_source = tokenizer or self._tokenizer_from_backbone(backbone, weights)
+        self.use_backbone(backbone, weights)
+
+    def _apply_backbone(self) -> None:
+        spec, weights = self.backbone_spec, self.backbone_weights
+        self.tokenizer_source = self.tokenizer or self._tokenizer_from_backbone(spec, weights)
+        model = self.tokenizer or spec
+        self.max_length = checked_max_length(self.hparams.max_length, self.tokenizer_source, model)
 
     @staticmethod
     def _tokenizer_from_backbone(backbone: str | None, weights: str | None) -> str | None:
@@ -176,7 +203,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         table = self.tables[stage]
         texts = ["" if t is None else str(t) for t in table.column(hp.text_column, "text")]
         self.check_not_empty(stage, len(texts), table.path)
-        encodings = tokenizer(texts, truncation=True, max_length=hp.max_length)
+        encodings = tokenizer(texts, truncation=True, max_length=self.max_length)
         keep = [k for k in ("input_ids", "token_type_ids") if k in encodings]
         if stage == "predict":
             labels = [-1] * len(texts)
@@ -203,7 +230,7 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     def fingerprint(self, stage: str) -> str | None:
         hp = self.hparams
-        settings = (hp.text_column, hp.file_format, hp.header, hp.quoting, hp.max_length, self.tokenizer_source)
+        settings = (hp.text_column, hp.file_format, hp.header, hp.quoting, self.max_length, self.tokenizer_source)
         return self.file_fingerprint(stage, *settings)
 
     def prediction_id(self, index: int) -> str:

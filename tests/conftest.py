@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +172,63 @@ QUIET_TRAINER: dict[str, Any] = {  # one epoch on the CPU, nothing written, noth
 def make_trainer(**overrides: Any) -> pl.Trainer:
     """A quiet single-process CPU trainer for unit tests; ``overrides`` replace any setting."""
     return pl.Trainer(**{**QUIET_TRAINER, **overrides})
+
+
+# -- train.py as a command ------------------------------------------------------------------------------------
+TRAIN_PY = ROOT / "train.py"
+TRAIN_PY_SERVER = ROOT / "tests" / "scripts" / "train_py_server.py"
+COMMAND_ENV = {  # one thread per command (two commands never share the 2 cores), nothing fetched from a hub
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
+TrainPy = Callable[..., subprocess.CompletedProcess]
+
+
+@pytest.fixture(scope="session")
+def train_py() -> Iterator[TrainPy]:
+    """``train_py(args, cwd, env=None, timeout=600)`` runs ``python train.py <args>`` in a process of its own and
+    returns its exit status, stdout and stderr (a ``CompletedProcess``).
+
+    The processes are forked from a server that imported torch, Lightning and transformers once
+    (``tests/scripts/train_py_server.py``), which saves several seconds per command; with
+    ``TLMODULES_TEST_FRESH_PROCESS=1`` every command starts a fresh interpreter instead.
+    """
+    base_env = {**os.environ, **COMMAND_ENV}
+    fresh = os.environ.get("TLMODULES_TEST_FRESH_PROCESS") == "1"
+    server = None
+    if not fresh:
+        server = subprocess.Popen(
+            [sys.executable, str(TRAIN_PY_SERVER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=base_env,
+        )
+        assert server.stdout is not None and json.loads(server.stdout.readline()) == {"ready": True}
+
+    def run(
+        args: Sequence[str], cwd: str | os.PathLike, env: dict[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(TRAIN_PY), *map(str, args)]
+        full_env = {**base_env, **(env or {})}
+        if server is None:
+            return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        with tempfile.TemporaryDirectory() as scratch:
+            out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+            request = {"argv": command[2:], "cwd": str(cwd), "env": full_env, "timeout": timeout}
+            assert server.stdin is not None and server.stdout is not None
+            server.stdin.write(json.dumps({**request, "stdout": str(out), "stderr": str(err)}) + "\n")
+            server.stdin.flush()
+            reply = json.loads(server.stdout.readline())
+            if reply["timed_out"]:
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(command, reply["returncode"], out.read_text(), err.read_text())
+
+    yield run
+    if server is not None:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=60)

@@ -488,16 +488,16 @@ CASES = [
     pytest.param(
         Bad(
             lambda env: env.cli("--data.init_args.train_file", str(env.tmp / "missing.tsv"), recipe=MINILM),
-            ValueError,  # the CLI's parser wraps the datamodule's DataError
-            r"train file .*missing\.tsv does not exist; check the path",
+            SystemExit,  # the datamodule's DataError, as one line
+            r"^error: TextClassificationDataModule: train file .*missing\.tsv does not exist; check the path",
         ),
         id="cli-text-file-missing",
     ),
     pytest.param(
         Bad(
             lambda env: env.cli("--data.init_args.batch_size", "0"),
-            ValueError,
-            r"batch_size must be a positive integer, got 0",
+            SystemExit,
+            r"^error: SklearnDigitsDataModule: batch_size must be a positive integer, got 0",
         ),
         id="cli-batch-size-zero",
     ),
@@ -707,8 +707,8 @@ CASES = [
     pytest.param(
         Bad(
             predictions_under_a_file,
-            OutputFolderError,
-            r"predictions folder .*blocker\.txt cannot be created: .*blocker\.txt is a file, not a folder",
+            SystemExit,  # through train.py: the OutputFolderError as one line
+            r"^error: the predictions folder .*blocker\.txt cannot be created: .*blocker\.txt is a file, not a folder",
         ),
         id="predictions-under-a-regular-file",
     ),

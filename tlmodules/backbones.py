@@ -32,9 +32,11 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
+from tlmodules.errors import MissingFileError, UserError
 from tlmodules.feature_cache import tensor_digest
 from tlmodules.nets import LeNetFeatures
 from tlmodules.pooling import get_pooling
+from tlmodules.positions import config_position_limit
 
 ACCEPTED_FORMS = (
     "accepted backbone specs: 'torchvision:<model name>' (e.g. torchvision:resnet18, with weights=DEFAULT, "
@@ -45,7 +47,7 @@ ACCEPTED_FORMS = (
 )
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone spec or its weights cannot be resolved; the message says what is accepted."""
 
 
@@ -55,7 +57,8 @@ class Preprocessing:
 
     Images: ``in_channels`` (grayscale is expanded to RGB and vice versa), ``resize_size`` then
     ``crop_size`` (the torchvision eval recipe), ``mean``/``std`` normalisation.
-    Text: ``tokenizer``, a folder or hub id that ``AutoTokenizer.from_pretrained`` accepts.
+    Text: ``tokenizer``, a folder or hub id that ``AutoTokenizer.from_pretrained`` accepts; ``max_length``,
+    the most tokens the model reads (its position limit, when known).
     """
 
     kind: str  # "image" | "text"
@@ -336,11 +339,15 @@ def hf_backbone(
         ) from err
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
+    # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode at the start of
+    # training: a module that trains it (DANN, multi-task) would train with dropout off. A backbone starts in
+    # train mode like any nn.Module; modules that keep it frozen put it in eval mode themselves.
+    model.train()
     get_pooling(pooling)  # fail early on an unknown pooling
     preprocessing = Preprocessing(
         kind="text",
         tokenizer=str(name_or_path),
-        max_length=getattr(model.config, "max_position_embeddings", None),
+        max_length=config_position_limit(model.config),  # tokens, RoBERTa's padding offset taken off
     )
     origin = BackboneOrigin(spec=spec or f"hf:{name_or_path}", pooling=pooling, trust_remote_code=trust_remote_code)
     return TransformerBackbone(
@@ -390,7 +397,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``; a clear error when it is unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 
 from tlmodules.backbones import Backbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, classification_metrics, unpack_batch
+from tlmodules.errors import ConfigError
 from tlmodules.grl import grad_reverse
 from tlmodules.heads import ClassificationHead, DomainDiscriminator
 from tlmodules.information import InformationMaximization, entropy
@@ -89,11 +90,11 @@ class DANNModule(TransferModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if method not in ("dann", "cdan"):
-            raise ValueError(f"unknown method {method!r}; choose dann or cdan")
+            raise ConfigError(f"unknown method {method!r}; choose dann or cdan")
         if lr <= 0 or lambda_max < 0:
-            raise ValueError(f"lr must be positive and lambda_max >= 0, got {lr} and {lambda_max}")
+            raise ConfigError(f"lr must be positive and lambda_max >= 0, got {lr} and {lambda_max}")
         if adversarial and (discriminator_layers < 1 or discriminator_hidden < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"the discriminator needs discriminator_layers >= 1 and discriminator_hidden >= 1, got "
                 f"{discriminator_layers} and {discriminator_hidden}"
             )
@@ -214,7 +215,7 @@ class DANNModule(TransferModule):
     # -- steps ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if not isinstance(batch, dict) or "source" not in batch or "target" not in batch:
-            raise ValueError(
+            raise ConfigError(
                 "DANNModule trains on batches {'source': ..., 'target': ...}; use DomainAdaptationDataModule "
                 "(or a CombinedLoader of a source and a target loader)"
             )

@@ -35,6 +35,8 @@ from sklearn.base import is_classifier
 from sklearn.linear_model._base import LinearClassifierMixin  # private module, stable since 0.22
 from torch import Tensor
 
+from tlmodules.errors import ConfigError, MissingFileError
+
 ESTIMATORS: dict[str, str] = {
     "logistic_regression": "sklearn.linear_model.LogisticRegression",
     "linear_svm": "sklearn.svm.LinearSVC",
@@ -59,18 +61,18 @@ PICKLE_PREFIX = "estimator-"
 def _import_class(path: str) -> type:
     module_name, _, class_name = path.rpartition(".")
     if not module_name:
-        raise ValueError(f"estimator class path {path!r} is not of the form 'package.module.Class'")
+        raise ConfigError(f"estimator class path {path!r} is not of the form 'package.module.Class'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(
+        raise ConfigError(
             f"cannot import module {module_name!r} for estimator {path!r} ({error}); install it or fix the path"
         ) from error
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise ValueError(f"module {module_name!r} has no class {class_name!r}; check the estimator path {path!r}")
+        raise ConfigError(f"module {module_name!r} has no class {class_name!r}; check the estimator path {path!r}")
     if not isinstance(cls, type):
-        raise ValueError(f"estimator {path!r} is a {type(cls).__name__}, not a class")
+        raise ConfigError(f"estimator {path!r} is a {type(cls).__name__}, not a class")
     return cls
 
 
@@ -86,7 +88,7 @@ def make_estimator(name: str, args: dict[str, Any] | None = None, seed: int = 0)
     elif "." in name:
         path = name
     else:
-        raise ValueError(
+        raise ConfigError(
             f"unknown estimator {name!r}; use one of {sorted(ESTIMATORS)} or a class path such as "
             "'sklearn.linear_model.RidgeClassifier'"
         )
@@ -108,12 +110,12 @@ def make_estimator(name: str, args: dict[str, Any] | None = None, seed: int = 0)
         unknown = [key for key in args if parameters and not takes_any and key not in parameters]
         if unknown:
             accepted = ", ".join(k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL)
-            raise ValueError(
+            raise ConfigError(
                 f"{cls.__name__} ({path}) does not accept argument(s) {unknown}; its arguments are: {accepted}"
             ) from error
-        raise ValueError(f"cannot build {cls.__name__} ({path}) with arguments {kwargs}: {error}") from error
+        raise ConfigError(f"cannot build {cls.__name__} ({path}) with arguments {kwargs}: {error}") from error
     if not is_classifier(estimator):
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not a scikit-learn classifier (sklearn.base.is_classifier is false); a probe needs a "
             f"classifier, e.g. one of {sorted(ESTIMATORS)}"
         )
@@ -288,13 +290,13 @@ def load_pickled_estimator(path: str | Path, sha256: str, allow_pickle: bool = F
             "trust_pickled_estimator=True)"
         )
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pickled estimator {path} not found; it is saved next to the checkpoint and must be copied with it"
         )
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256.lower():
-        raise ValueError(
+        raise ConfigError(
             f"pickled estimator {path} has sha256 {actual}, but the checkpoint recorded {sha256}: the file changed "
             "since the checkpoint was written; refusing to unpickle it (restore the original file or refit)"
         )

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, TransformerBackbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
+from tlmodules.errors import ConfigError
 from tlmodules.freezing import LateParameterSync, eval_frozen_submodules
 from tlmodules.heads import ClassificationHead
 from tlmodules.regularizers import L2SP
@@ -79,15 +80,15 @@ class FineTuneModule(TransferModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if unfreeze_epoch < 0:
-            raise ValueError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
+            raise ConfigError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
         if lr <= 0 or backbone_lr_ratio < 0:
-            raise ValueError(f"lr must be positive and backbone_lr_ratio >= 0, got {lr} and {backbone_lr_ratio}")
+            raise ConfigError(f"lr must be positive and backbone_lr_ratio >= 0, got {lr} and {backbone_lr_ratio}")
         self.backbone: Backbone = self.backbone_from_hparams(backbone)
         if lora_rank > 0:
             if not isinstance(self.backbone, TransformerBackbone):
-                raise ValueError("LoRA (lora_rank > 0) is offered for transformer backbones (hf:/pkg: specs)")
+                raise ConfigError("LoRA (lora_rank > 0) is offered for transformer backbones (hf:/pkg: specs)")
             from tlmodules.lora import apply_lora
 
             apply_lora(self.backbone, lora_rank, lora_alpha, lora_dropout, lora_targets)

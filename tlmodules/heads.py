@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tlmodules.errors import ConfigError
+
 
 class ClassificationHead(nn.Module):
     """Linear (``hidden=0``) or one-hidden-layer MLP classifier.
@@ -15,7 +17,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+            raise ConfigError(f"num_classes must be positive, got {num_classes}")
         if hidden > 0:
             self.net = nn.Sequential(
                 nn.Dropout(dropout),
@@ -45,7 +47,7 @@ class DomainDiscriminator(nn.Module):
     def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, layers: int = 2) -> None:
         super().__init__()
         if layers < 1 or hidden < 1:
-            raise ValueError(f"the discriminator needs layers >= 1 and hidden >= 1, got {layers} and {hidden}")
+            raise ConfigError(f"the discriminator needs layers >= 1 and hidden >= 1, got {layers} and {hidden}")
 
         def block(width_in: int) -> list[nn.Module]:
             norm: list[nn.Module] = [nn.BatchNorm1d(hidden)] if batch_norm else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tlmodules.backbones import Backbone, BackboneError
+from tlmodules.errors import ConfigError
 
 
 def default_targets(backbone: Backbone) -> list[str]:
@@ -34,7 +35,7 @@ def apply_lora(
     except ImportError as err:
         raise ImportError("LoRA needs the 'peft' library: pip install 'tlmodules[lora]'") from err
     if rank <= 0:
-        raise ValueError(f"lora_rank must be positive, got {rank}")
+        raise ConfigError(f"lora_rank must be positive, got {rank}")
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

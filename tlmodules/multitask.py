@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 
 from tlmodules.backbones import Backbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule
+from tlmodules.errors import ConfigError
 from tlmodules.heads import ClassificationHead
 from tlmodules.nets import MLPFeatures
 from tlmodules.schedules import LRSchedule
@@ -33,22 +34,22 @@ def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Validate task dicts ``{"name", "kind", "num_outputs", ["weight"], ["head_hidden"], ["class_names"],
     ["target_mean"], ["target_std"]}``."""
     if not tasks:
-        raise ValueError("tasks is empty: give at least one {name, kind, num_outputs} (the datamodule's 'tasks')")
+        raise ConfigError("tasks is empty: give at least one {name, kind, num_outputs} (the datamodule's 'tasks')")
     checked, names = [], set()
     for task in tasks:
         task = dict(task)
         name, kind = task.get("name"), task.get("kind")
         if not name or name in names:
-            raise ValueError(f"every task needs a unique name; got {name!r} in {[t.get('name') for t in tasks]}")
+            raise ConfigError(f"every task needs a unique name; got {name!r} in {[t.get('name') for t in tasks]}")
         if kind not in TASK_KINDS:
-            raise ValueError(f"task {name!r} has kind {kind!r}; choose one of {list(TASK_KINDS)}")
+            raise ConfigError(f"task {name!r} has kind {kind!r}; choose one of {list(TASK_KINDS)}")
         outputs = task.get("num_outputs") or (1 if kind in ("binary", "regression") else None)
         least = 2 if kind in ("multiclass", "multilabel") else 1
         if not isinstance(outputs, int) or outputs < least:
-            raise ValueError(f"task {name!r} ({kind}) needs num_outputs >= {least}")
+            raise ConfigError(f"task {name!r} ({kind}) needs num_outputs >= {least}")
         std = torch.as_tensor(task.get("target_std", 1.0), dtype=torch.float64)
         if kind == "regression" and not bool((std > 0).all()):
-            raise ValueError(f"task {name!r} has target_std={task['target_std']!r}; it must be positive")
+            raise ConfigError(f"task {name!r} has target_std={task['target_std']!r}; it must be positive")
         task["num_outputs"] = outputs
         names.add(name)
         checked.append(task)
@@ -139,7 +140,7 @@ class MultiTaskModule(TransferModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         if weighting not in STRATEGIES:
-            raise ValueError(f"unknown loss weighting {weighting!r}; accepted names: {list(STRATEGIES)!r}")
+            raise ConfigError(f"unknown loss weighting {weighting!r}; accepted names: {list(STRATEGIES)!r}")
         object.__setattr__(self, "_backbone_spec", backbone)  # a module given here is registered once built
         self.tasks: list[dict[str, Any]] = []
         if tasks is not None:
@@ -161,7 +162,7 @@ class MultiTaskModule(TransferModule):
         backbone = self._backbone_spec
         if isinstance(backbone, str) and backbone == "mlp":
             if not in_features:
-                raise ValueError("backbone 'mlp' needs in_features (the number of numeric input columns)")
+                raise ConfigError("backbone 'mlp' needs in_features (the number of numeric input columns)")
             backbone = MLPFeatures(in_features, hp.trunk_hidden, hp.trunk_depth, hp.dropout)
         self.backbone: Backbone = self.backbone_from_hparams(backbone)
         width = self.backbone.num_features
@@ -192,7 +193,7 @@ class MultiTaskModule(TransferModule):
         data_tasks = getattr(datamodule, "tasks", None)
         if not self.built:
             if not data_tasks:
-                raise ValueError(
+                raise ConfigError(
                     "MultiTaskModule has no tasks: pass tasks=[...] or train with a MultiTaskDataModule, "
                     "whose task list (and numeric input width) the model takes"
                 )
@@ -201,7 +202,7 @@ class MultiTaskModule(TransferModule):
             theirs = [(t["name"], t["kind"], t["num_outputs"]) for t in check_tasks(data_tasks)]
             mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
             if theirs != mine:
-                raise ValueError(f"the data's tasks {theirs} differ from the model's {mine}; use one task list")
+                raise ConfigError(f"the data's tasks {theirs} differ from the model's {mine}; use one task list")
 
     # -- forward and losses ------------------------------------------------------------------------
     def forward(self, inputs: Any) -> dict[str, Tensor]:
@@ -388,7 +389,7 @@ class MultiTaskModule(TransferModule):
         saved = [(t["name"], t["kind"], t["num_outputs"]) for t in checkpoint["tlmodules"].get("tasks", [])]
         mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
         if saved != mine:
-            raise ValueError(f"the checkpoint's tasks {saved} differ from this model's {mine}; use the same task list")
+            raise ConfigError(f"the checkpoint's tasks {saved} differ from this model's {mine}; use the same task list")
         sums = checkpoint.get("multitask_epoch_sums")
         if sums is not None:  # each process takes an equal share: the epoch-end sum over processes restores it
             world = self.trainer.world_size if self._trainer is not None else 1

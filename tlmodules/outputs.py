@@ -8,8 +8,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from tlmodules.errors import UserError
 
-class OutputFolderError(OSError):
+
+class OutputFolderError(UserError, OSError):
     """An output folder (checkpoints, logs, predictions) cannot be created or written."""
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tlmodules.errors import ConfigError
+
 
 def cls_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """The first token's state (BERT's ``[CLS]``)."""
@@ -40,4 +42,4 @@ def get_pooling(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     try:
         return POOLINGS[name]
     except KeyError:
-        raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}") from None
+        raise ConfigError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}") from None

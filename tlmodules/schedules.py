@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from tlmodules.errors import ConfigError
+
 FinetuneStrategy = Literal["full", "freeze", "freeze_unfreeze", "gradual", "lp_ft"]
 LRSchedule = Literal["constant", "cosine", "linear", "dann"]
 STRATEGIES: tuple[str, ...] = ("full", "freeze", "freeze_unfreeze", "gradual", "lp_ft")
@@ -33,7 +35,7 @@ def trainable_top_groups(strategy: str, epoch: int, num_groups: int, unfreeze_ep
         return num_groups if epoch >= unfreeze_epoch else 0
     if strategy == "gradual":
         return max(0, min(num_groups, epoch - unfreeze_epoch + 1))
-    raise ValueError(f"unknown fine-tuning strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    raise ConfigError(f"unknown fine-tuning strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 
 def lr_shape(schedule: str, progress: float, warmup_fraction: float = 0.0) -> float:
@@ -44,7 +46,7 @@ def lr_shape(schedule: str, progress: float, warmup_fraction: float = 0.0) -> fl
     ``1 / (1 + 10 p)^0.75`` (:func:`dann_lr_factor`).
     """
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        raise ConfigError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     progress = min(max(progress, 0.0), 1.0)
     if warmup_fraction > 0 and progress < warmup_fraction:
         return progress / warmup_fraction

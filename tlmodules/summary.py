@@ -14,9 +14,10 @@ SUMMARY_FILE = "summary.json"
 
 
 class RunSummary(pl.Callback):
-    """At the end of ``fit``, write ``summary.json`` (chosen hyperparameters and final ``val/…`` metrics) into
-    the run's log folder and print a table of this run and its sibling runs (the other versions under the
-    same logger name), so that e.g. a source-only and a DANN run of one recipe are compared at a glance.
+    """At the end of ``fit``, write ``summary.json`` (the data files, chosen hyperparameters and final ``val/…``
+    metrics) into the run's log folder and print a table of this run and its sibling runs (the other versions
+    under the same logger name, each with the data it trained on), so that e.g. a source-only and a DANN run of
+    one recipe are compared at a glance, and runs on different data are not mistaken for each other.
 
     Args:
         hparams: hyperparameters shown as columns (those the model has), after what the module's own
@@ -47,8 +48,10 @@ class RunSummary(pl.Callback):
         }
         if self.metrics is not None:
             metrics = {name: metrics[name] for name in self.metrics if name in metrics}
+        sources = getattr(trainer.datamodule, "data_sources", None)
         return {
             "module": type(pl_module).__name__,
+            "data": sources() if callable(sources) else {},
             "hparams": {
                 **described,
                 **{name: hp[name] for name in self.hparams if name in hp and name not in described},
@@ -88,17 +91,39 @@ def sibling_summaries(log_dir: Path, module: str) -> list[tuple[str, dict[str, A
     return rows
 
 
+def short_path(path: str) -> str:
+    """The last two parts of a path (``usps/train``): enough to tell data sets apart in a table."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else path
+
+
+def training_data(sources: dict[str, str]) -> str:
+    """What a run trained on, in a few characters: ``yelp_labelled.txt``, or ``usps/train → mnist_t10k`` for a
+    domain pair (``source.train`` → ``target.train``); ``all`` marks data that every split is drawn from."""
+
+    def pick(prefix: str) -> str | None:
+        found = sources.get(f"{prefix}train") or sources.get(f"{prefix}all")
+        return short_path(found) if found else None
+
+    source, target = pick("source."), pick("target.")
+    if source or target:
+        return f"{source or '?'} → {target or '?'}"
+    return pick("") or ", ".join(short_path(p) for p in sources.values())
+
+
 def format_table(rows: list[tuple[str, dict[str, Any]]], current: str) -> str:
-    """A plain-text table: one row per run, hyperparameter and metric columns; ``*`` marks the current run."""
+    """A plain-text table: one row per run, its training data, hyperparameter and metric columns; ``*`` marks the
+    current run."""
     hp_names = list(dict.fromkeys(name for _, s in rows for name in s["hparams"]))
     metric_names = list(dict.fromkeys(name for _, s in rows for name in s["metrics"]))
-    header = ["run", *hp_names, "steps", *metric_names]
+    header = ["run", "data", *hp_names, "steps", *metric_names]
     body = []
     for folder, s in rows:
         values = [s["metrics"].get(name) for name in metric_names]
         body.append(
             [
                 ("* " if folder == current else "  ") + folder,
+                training_data(s.get("data") or {}),
                 *(str(s["hparams"].get(name, "")) for name in hp_names),
                 str(s.get("steps", "")),
                 *("" if v is None or math.isnan(v) else f"{v:.4f}" for v in values),

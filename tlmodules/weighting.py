@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tlmodules.errors import ConfigError
+
 REGRESSION_KIND = "regression"
 CLASSIFICATION_KINDS = ("multiclass", "binary", "multilabel")
 KINDS = (REGRESSION_KIND, *CLASSIFICATION_KINDS)
@@ -141,10 +143,10 @@ class StaticWeighting(LossWeighting):
         super().__init__(tasks)
         unknown = [name for name in weights if name not in self.tasks]
         if unknown:
-            raise ValueError(f"static weights name unknown task(s) {unknown!r}; known tasks: {self.tasks!r}")
+            raise ConfigError(f"static weights name unknown task(s) {unknown!r}; known tasks: {self.tasks!r}")
         bad = {name: w for name, w in weights.items() if not math.isfinite(float(w)) or float(w) < 0}
         if bad:
-            raise ValueError(f"static weights must be finite and non-negative, got {bad!r}")
+            raise ConfigError(f"static weights must be finite and non-negative, got {bad!r}")
         self.static_weights: dict[str, float] = {task: float(weights.get(task, 1.0)) for task in self.tasks}
 
     def weights(self, step: int = 0) -> dict[str, float]:
@@ -180,13 +182,13 @@ class UncertaintyWeighting(LossWeighting):
         super().__init__(tasks)
         unknown = [name for name in kinds if name not in self.tasks]
         if unknown:
-            raise ValueError(f"kinds name unknown task(s) {unknown!r}; known tasks: {self.tasks!r}")
+            raise ConfigError(f"kinds name unknown task(s) {unknown!r}; known tasks: {self.tasks!r}")
         missing = [task for task in self.tasks if task not in kinds]
         if missing:
-            raise ValueError(f"kinds lacks task(s) {missing!r}; give each task one of {list(KINDS)!r}")
+            raise ConfigError(f"kinds lacks task(s) {missing!r}; give each task one of {list(KINDS)!r}")
         bad = {task: kind for task, kind in kinds.items() if kind not in KINDS}
         if bad:
-            raise ValueError(f"unknown kind(s) {bad!r}; accepted kinds: {list(KINDS)!r}")
+            raise ConfigError(f"unknown kind(s) {bad!r}; accepted kinds: {list(KINDS)!r}")
         self.kinds: dict[str, str] = {task: kinds[task] for task in self.tasks}
         # 0.5 for regression, 1 for classification: the multiplier of exp(−s_t) · L_t.
         self.factors: dict[str, float] = {t: 0.5 if k == REGRESSION_KIND else 1.0 for t, k in self.kinds.items()}
@@ -239,7 +241,7 @@ class DynamicWeightAverage(LossWeighting):
     def __init__(self, tasks: Sequence[str], temperature: float = 2.0) -> None:
         super().__init__(tasks)
         if not math.isfinite(float(temperature)) or float(temperature) <= 0:
-            raise ValueError(f"DWA temperature must be a finite number > 0, got {temperature!r}")
+            raise ConfigError(f"DWA temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.register_buffer("history", torch.full((2, self.num_tasks), math.nan, dtype=torch.float32))
         self.register_buffer("num_epochs", torch.zeros((), dtype=torch.long))
@@ -320,5 +322,5 @@ def build_weighting(name: str, tasks: Sequence[str], **kwargs: Any) -> LossWeigh
     """Build a loss weighting by name: ``equal``, ``static`` (``weights=``), ``uncertainty``
     (``kinds=``), ``dwa`` (``temperature=``) or ``rlw`` (``seed=``)."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown loss weighting {name!r}; accepted names: {list(STRATEGIES)!r}")
+        raise ConfigError(f"unknown loss weighting {name!r}; accepted names: {list(STRATEGIES)!r}")
     return STRATEGIES[name](tasks, **kwargs)
