@@ -637,3 +637,21 @@ def test_block_groups_vit_keeps_tokens_in_stem_and_blocks_separate():
     assert len(groups) == 12 + 2  # stem, 12 encoder blocks, final norm
     for i, group in enumerate(groups[1:-1]):
         assert all(n.startswith(f"encoder.layers.encoder_layer_{i}.") for n in group)
+
+
+def test_hf_backbone_starts_in_train_mode_so_modules_that_train_it_keep_dropout(tiny_hf_dir):
+    """``from_pretrained`` returns an eval-mode model and Lightning keeps each module's mode at fit start: without
+    the reset, DANN and multi-task models would fine-tune a transformer with its dropout switched off."""
+    from tlmodules import DANNModule
+
+    backbone = build_backbone(f"hf:{tiny_hf_dir}")
+    assert all(module.training for module in backbone.modules())
+    model = DANNModule(backbone=f"hf:{tiny_hf_dir}", num_classes=2, projection_samples=0)
+    assert all(module.training for module in model.backbone.modules())
+    dropout = [m for m in model.backbone.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    assert dropout, "the tiny BERT has dropout layers"
+    inputs = {"input_ids": torch.randint(5, 20, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    torch.manual_seed(0)
+    first = model.backbone(inputs)
+    torch.manual_seed(1)
+    assert not torch.equal(first, model.backbone(inputs)), "dropout is active in training mode"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -187,6 +188,19 @@ def multitask_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> Da
     return DataCase(args, num_classes=0, task_names=[t["name"] for t in tasks], num_features=4)
 
 
+def domain_pair_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
+    """Each side of a DomainAdaptationDataModule pointed at tiny data of its own datamodule class."""
+    args: list[str] = []
+    for role in ("source", "target"):
+        side = data_args(recipe)[role]
+        side_case = DATA_CASES[side["class_path"].rsplit(".", 1)[-1]]({"data": side}, request)
+        prefix = f"--data.init_args.{role}.init_args."
+        args += [prefix + a.removeprefix("--data.init_args.") if a.startswith("--data.") else a for a in side_case.args]
+    # validate after the one tiny epoch, whatever the recipe's interval
+    args += ["--trainer.check_val_every_n_epoch", "1"]
+    return DataCase(args, num_classes=side_case.num_classes, max_length=side_case.max_length)
+
+
 def is_multitask(recipe: dict[str, Any]) -> bool:
     return recipe["model"]["class_path"].endswith("MultiTaskModule")
 
@@ -204,6 +218,7 @@ DATA_CASES: dict[str, Callable[[dict[str, Any], pytest.FixtureRequest], DataCase
     "MultiTaskDataModule": multitask_case,
     "SklearnDigitsDataModule": digits_case,
     "DigitsDomainDataModule": digits_domain_case,
+    "DomainAdaptationDataModule": domain_pair_case,
     "ImageFolderDataModule": image_folder_case,
     "TextClassificationDataModule": text_case,
     "ConllDataModule": conll_case,
@@ -597,7 +612,44 @@ def test_optimizer_flags_are_not_offered(capsys: pytest.CaptureFixture[str]) -> 
     assert "optimizer" in capsys.readouterr().err
 
 
-def test_missing_train_file_names_the_path(tmp_path: Path) -> None:
+def test_missing_train_file_names_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no_such_sentences.tsv"
-    with pytest.raises(ValueError, match=r"train file .*no_such_sentences\.tsv does not exist"):
+    with pytest.raises(SystemExit) as exited:
         main(args=["fit", "--config", str(MINILM), "--data.init_args.train_file", str(missing)])
+    assert exited.value.code == 2
+    assert re.fullmatch(r"error: .*train file .*no_such_sentences\.tsv does not exist.*\n", capsys.readouterr().err)
+
+
+def test_domain_pair_sides_keep_their_own_arguments_and_follow_the_model_backbone(
+    tmp_path: Path, make_image_folder: Callable[..., Path]
+) -> None:
+    """A DomainAdaptationDataModule of two ImageFolderDataModules from YAML: each side records its own arguments
+    (LightningCLI used to hand every datamodule under ``data`` the outer config), and the model's backbone reaches
+    both sides (the CLI's link only reaches the outer datamodule)."""
+    source = make_image_folder("source", classes=("a", "b"), per_class=3, size=16)
+    target = make_image_folder("target", classes=("a", "b"), per_class=5, size=16)
+    args = [
+        "--config",
+        str(CONFIGS / "dann_folders.yaml"),
+        "--data.init_args.source.init_args.train_dir",
+        str(source),
+        "--data.init_args.source.init_args.val_fraction",
+        "0.34",
+        "--data.init_args.target.init_args.train_dir",
+        str(target),
+        "--data.init_args.target.init_args.num_workers",
+        "0",
+    ]
+    cli = TransferCLI(args=args, run=False)
+    pair = cli.datamodule
+    assert pair.source.hparams.train_dir == str(source) and pair.source.hparams.val_fraction == 0.34
+    assert pair.target.hparams.train_dir == str(target) and pair.target.hparams.num_workers == 0
+    assert "source" not in pair.source.hparams and "_class_path" not in pair.source.hparams
+    expected = resolve_preprocessing("builtin:lenet", "DEFAULT")
+    for side in (pair.source, pair.target):
+        assert side.backbone_spec == "builtin:lenet"
+        assert tuple(find_normalize(side.eval_transform).mean) == pytest.approx(expected.mean)
+    pair.setup("fit")
+    batch = next(iter(pair.target.train_dataloader()))
+    assert tuple(batch["inputs"].shape[1:]) == (3, 28, 28)  # LeNet's input, from 16x16 grey images
+    assert len(pair.target.datasets["val"]) == round(0.2 * 10)  # the recipe's fixed held-out share of the target

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, make_trainer
 from PIL import Image
 
 from datamodules import DataError, ImageFolderDataModule, SklearnDigitsDataModule
 from datamodules.images import find_corrupt_images, list_images
+from tlmodules import FineTuneModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -224,11 +225,24 @@ def test_bad_batch_size(make_image_folder, batch_size):
         SklearnDigitsDataModule(batch_size=batch_size)
 
 
-def test_no_val_data_names_the_setting(make_image_folder):
-    dm = folder_module(make_image_folder(per_class=2), val_fraction=0)
+def test_without_val_data_every_image_trains_and_validation_is_skipped(make_image_folder):
+    """val_fraction=0 and no val_dir: no image is held out, and the validation loader is empty, which Lightning
+    takes as "no validation" (a missing split would otherwise fail the fit after its first epoch)."""
+    dm = folder_module(make_image_folder(per_class=2), val_fraction=0, backbone="builtin:lenet")
+    assert not dm.has_split("val")
     dm.setup("fit")
-    with pytest.raises(DataError, match="no val data: set the val file or folder"):
-        dm.val_dataloader()
+    assert len(dm.datasets["train"]) == 6 and dm.val_dataloader() == []
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(FineTuneModule(backbone="builtin:lenet"), datamodule=dm)
+    assert trainer.global_step == 4 and trainer.current_epoch == 2
+    assert not [name for name in trainer.callback_metrics if name.startswith("val/")]
+
+
+def test_a_missing_test_split_names_the_setting(make_image_folder):
+    dm = folder_module(make_image_folder(per_class=2), val_fraction=0)
+    dm.setup("test")
+    with pytest.raises(DataError, match="no test data: set the test file or folder"):
+        dm.test_dataloader()
 
 
 # -- prediction ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from test_dann import domain_pairs, tiny_dann
 from torch.utils.data import DataLoader
 
-from tlmodules.summary import SUMMARY_FILE, RunSummary, format_table, sibling_summaries
+from tlmodules.summary import SUMMARY_FILE, RunSummary, format_table, sibling_summaries, training_data
 
 
 def fit_tiny(save_dir: Path, adversarial: bool) -> tuple[Path, pl.Trainer]:
@@ -73,12 +73,25 @@ def test_siblings_skip_other_modules_and_unreadable_summaries(tmp_path: Path) ->
 
 
 def test_table_leaves_missing_and_nan_metrics_blank() -> None:
+    data = {"train": "/data/a.tsv"}
     rows = [
-        ("x", {"hparams": {"method": "dann"}, "metrics": {"val/target/acc": float("nan")}, "steps": 3}),
-        ("y", {"hparams": {"method": "cdan"}, "metrics": {"val/target/im_score": 1.23456}, "steps": 5}),
+        ("x", {"data": data, "hparams": {"method": "dann"}, "metrics": {"val/target/acc": float("nan")}, "steps": 3}),
+        ("y", {"data": data, "hparams": {"method": "cdan"}, "metrics": {"val/target/im_score": 1.23456}, "steps": 5}),
     ]
     lines = format_table(rows, current="y").splitlines()
     header = lines[2].split()
-    assert header == ["run", "method", "steps", "val/target/acc", "val/target/im_score"]
-    assert lines[3].split() == ["x", "dann", "3"]
-    assert lines[4].split() == ["*", "y", "cdan", "5", "1.2346"]
+    assert header == ["run", "data", "method", "steps", "val/target/acc", "val/target/im_score"]
+    assert lines[3].split() == ["x", "data/a.tsv", "dann", "3"]
+    assert lines[4].split() == ["*", "y", "data/a.tsv", "cdan", "5", "1.2346"]
+
+
+def test_the_data_column_names_each_runs_training_files() -> None:
+    """Runs of one recipe on different data are told apart: the train file, a domain pair, embedded data."""
+    assert training_data({"train": "/home/me/reviews/train.tsv", "val": "/home/me/reviews/val.tsv"}) == (
+        "reviews/train.tsv"
+    )
+    pair = {"source.train": "../shared/data/digits/usps/train", "target.train": "../shared/data/digits/mnist_t10k"}
+    assert training_data(pair) == "usps/train → digits/mnist_t10k"
+    assert training_data({"source.all": "digits", "target.all": "digits-on-photos"}) == "digits → digits-on-photos"
+    assert training_data({"test": "/x/y/test.tsv"}) == "y/test.tsv"
+    assert training_data({}) == ""
