@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,15 +323,22 @@ def hf_backbone(
     code runs only with that explicit opt-in. The pooler head (unused, and a DDP unused-parameter
     hazard) is dropped; features are pooled token states.
     """
-    from transformers import AutoConfig, AutoModel
-
     # float32 weights whatever the checkpoint's dtype (transformers 5 loads a float16 checkpoint as float16):
     # the optimizer needs float32 master weights; mixed precision is the Trainer's ``precision``
+    # offline (HF_HUB_OFFLINE=1), look in local folders and the cache only: transformers would otherwise still
+    # try the hub, with retries, before it reports a missing model
+    from huggingface_hub import constants
+    from transformers import AutoConfig, AutoModel
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    local = {"local_files_only": True} if offline else {}  # the variable may be set after huggingface_hub loaded
     try:
         if pretrained:
-            model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            model = AutoModel.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32, **local
+            )
         else:
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **local)
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise BackboneError(
