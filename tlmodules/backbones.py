@@ -331,14 +331,17 @@ def hf_backbone(
     from transformers import AutoConfig, AutoModel
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    local = {"local_files_only": True} if offline else {}  # the variable may be set after huggingface_hub loaded
+    # (the variable may be set after huggingface_hub read it; the PEFT adapter lookup takes its own flag)
+    local = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if offline else {}
     try:
         if pretrained:
             model = AutoModel.from_pretrained(
                 name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32, **local
             )
         else:
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **local)
+            config = AutoConfig.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, local_files_only=bool(local)
+            )
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise BackboneError(
