@@ -13,8 +13,10 @@ import csv
 import hashlib
 import random
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -653,3 +655,46 @@ def test_domain_pair_sides_keep_their_own_arguments_and_follow_the_model_backbon
     batch = next(iter(pair.target.train_dataloader()))
     assert tuple(batch["inputs"].shape[1:]) == (3, 28, 28)  # LeNet's input, from 16x16 grey images
     assert len(pair.target.datasets["val"]) == round(0.2 * 10)  # the recipe's fixed held-out share of the target
+
+
+def test_fit_without_validation_data_keeps_the_last_checkpoint_without_a_monitor_warning(
+    tmp_path: Path, make_image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``val_fraction: 0`` and no val folder: no validation loop, ``last.ckpt`` kept, no best-by-metric file, and
+    no warning about the monitored key (the CLI's default monitor is val/acc)."""
+    monkeypatch.chdir(tmp_path)
+    train = make_image_folder("train", classes=("cat", "dog"), per_class=4, size=12)
+    args = ["fit", "--model", "tlmodules.FineTuneModule", "--data", "datamodules.ImageFolderDataModule"]
+    args += ["--data.init_args.train_dir", str(train), "--data.init_args.val_fraction", "0", *QUIET]
+    args += ["--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--trainer.max_epochs", "2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(args=args)
+    assert not [w for w in caught if "monitor" in str(w.message).lower()], [str(w.message) for w in caught]
+    run = tmp_path / "runs" / "tlmodules" / "version_0"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert cli.trainer.global_step == 4 and len(cli.datamodule.datasets["train"]) == 8
+    assert not [tag for tag in event_scalars(run) if tag.startswith("val/")]
+
+
+def test_test_and_predict_read_only_their_own_split(
+    tmp_path: Path, make_image_folder: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a fit, ``test`` with the training folder gone and a test folder that lacks a class: the training
+    data is not read, the label set comes from the checkpoint, and the metrics log into the fitted run."""
+    monkeypatch.chdir(tmp_path)
+    train = make_image_folder("train", classes=("a", "b", "c"), per_class=4, size=12)
+    common = ["--model", "tlmodules.FineTuneModule", "--data", "datamodules.ImageFolderDataModule", *QUIET]
+    common += ["--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4"]
+    main(args=["fit", *common, *TINY_FIT, "--data.init_args.train_dir", str(train)])
+    last = tmp_path / "runs" / "tlmodules" / "version_0" / "checkpoints" / "last.ckpt"
+    shutil.rmtree(train)
+    test_only = make_image_folder("test", classes=("a", "c"), per_class=2, size=12)
+    args = ["--data.init_args.train_dir", str(train), "--data.init_args.test_dir", str(test_only)]
+    cli = main(args=["test", *common, *args, "--ckpt_path", str(last)])
+    assert cli.datamodule.class_names == ["a", "b", "c"] and cli.model.class_names == ["a", "b", "c"]
+    assert sorted(cli.datamodule.datasets) == ["test"]
+    assert sorted(set(cli.datamodule.datasets["test"].labels)) == [0, 2]  # "c" is class 2 of the checkpoint
+    assert "test/acc" in cli.trainer.callback_metrics
+    assert sorted(p.name for p in (tmp_path / "runs" / "tlmodules").iterdir()) == ["version_0"]
+    assert any(tag.startswith("test/") for tag in event_scalars(tmp_path / "runs" / "tlmodules" / "version_0"))
