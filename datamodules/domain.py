@@ -139,19 +139,20 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
             {"source": self.source.train_dataloader(), "target": self.target.train_dataloader()}, "max_size_cycle"
         )
 
-    def _per_domain(self, split: str) -> tuple[list[DataLoader], list[str]]:
+    def _per_domain(self, split: str, required: bool = True) -> tuple[list[DataLoader], list[str]]:
         loaders, names = [], []
         for name, side in self.sides():
             loader = self._side_loader(side, split)
-            if loader is not None:
+            if loader is not None and loader != []:
                 loaders.append(loader)
                 names.append(name)
-        if not loaders:
+        if not loaders and required:
             raise DataError(f"neither the source nor the target data has a {split} split")
         return loaders, names
 
     def val_dataloader(self) -> list[DataLoader]:
-        loaders, self.val_domains = self._per_domain("val")
+        """One loader per domain with validation data; none (no validation loop) when neither side has any."""
+        loaders, self.val_domains = self._per_domain("val", required=False)
         return loaders
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -295,3 +295,19 @@ def test_blend_onto_photos_is_the_absolute_difference_with_a_photo_patch() -> No
     assert np.abs(blank + full - 255).max() <= 1 and blank.std() > 10
     assert blended[0].tobytes() != blended[1].tobytes()
     assert [b.tobytes() for b in blend_onto_photos(digits, size, seed)] == [b.tobytes() for b in blended]
+
+
+def test_a_pair_without_validation_data_trains_without_a_validation_loop(make_image_folder) -> None:
+    """``val_fraction=0`` on both sides: no validation loop (and no error at the first validation), every image
+    trains; the pair passes its backbone to both sides."""
+
+    def side(name: str) -> ImageFolderDataModule:
+        folder = make_image_folder(name, classes=("a", "b"), per_class=4)
+        return ImageFolderDataModule(train_dir=str(folder), val_fraction=0, num_workers=0, batch_size=4)
+
+    data = DomainAdaptationDataModule(side("source"), side("target"), backbone="builtin:lenet")
+    assert not data.has_split("val") and data.source.backbone_spec == data.target.backbone_spec == "builtin:lenet"
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(DANNModule(backbone="builtin:lenet", projection_samples=0), datamodule=data)
+    assert trainer.global_step == 4 and len(data.source.datasets["train"]) == 8
+    assert not [name for name in trainer.callback_metrics if name.startswith("val/")]
