@@ -30,6 +30,7 @@ PROBE = "configs/minilm_probe.yaml"  # FeatureProbeModule + TextClassificationDa
 RESNET = "configs/resnet18_finetune.yaml"  # FineTuneModule(torchvision:resnet18) + ImageFolderDataModule
 QUICKSTART = "configs/quickstart.yaml"  # DANNModule + DigitsDomainDataModule
 FOLDERS = "configs/dann_folders.yaml"  # DANNModule + DomainAdaptationDataModule of two ImageFolderDataModules
+TEXT_PAIR = "configs/dann_text.yaml"  # DANNModule(MiniLM) + DomainAdaptationDataModule of two text datamodules
 ENERGY = "configs/energy_multitask.yaml"  # MultiTaskModule + MultiTaskDataModule
 NER = "configs/ner_probe.yaml"  # FeatureProbeModule(level=token) + ConllDataModule
 
@@ -342,6 +343,21 @@ CASES = [
             r"source and target have different label spaces \(only in source: \['a'\]; only in target: \['d'\]\)",
         ),
         id="domain-label-spaces-differ",
+    ),
+    pytest.param(
+        Bad(
+            fit_with(
+                TEXT_PAIR,
+                lambda env: [
+                    "--data.init_args.source.init_args.train_file",
+                    env.sentences("source.tsv"),
+                    "--data.init_args.target.init_args.train_file",
+                    env.sentences("target.tsv", labels=("0", "1")),
+                ],
+            ),
+            r"source and target have different label spaces \(only in source: \['neg', 'pos'\]; only in target",
+        ),
+        id="text-pair-label-spaces-differ",
     ),
     # -- multi-task and tagging data ----------------------------------------------------------------------------
     pytest.param(
