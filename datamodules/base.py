@@ -90,7 +90,7 @@ def checked_label_list(labels: Sequence[Any], what: str = "class", plural: str =
     """A user's fixed label list as strings: two or more, each named once."""
     names = [str(v) for v in labels]
     if len(names) < 2:
-        raise DataError(f"labels={names} names fewer than two {plural}; a classifier needs two or more")
+        raise DataError(f"labels={names} names fewer than two {plural}; give two or more")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise DataError(f"labels={names} names {twice} more than once; list each {what} once")

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from datamodules.base import ClassificationDataModule, seeded_split
+from datamodules.base import ClassificationDataModule, checked_label_list, seeded_split
 from datamodules.tables import DataError
 from datamodules.text import (
     PadCollator,
@@ -221,13 +221,7 @@ class ConllDataModule(ClassificationDataModule):
 
     def _class_names(self, labels: list[str] | None) -> list[str]:
         if labels is not None:
-            names = [str(v) for v in labels]
-            if len(set(names)) != len(names):
-                twice = sorted({n for n in names if names.count(n) > 1})
-                raise DataError(f"labels={names} names {twice} more than once; list each tag once")
-            if len(names) < 2:
-                raise DataError(f"labels={names} names fewer than two tags; a tagger needs two or more")
-            return names
+            return checked_label_list(labels, "tag", "tags")
         reference = self.data.get("train") or self.data.get("test") or self.data.get("val")
         if reference is None:
             return []  # predict only: the checkpoint's names arrive through load_state_dict

@@ -172,7 +172,7 @@ class TransferCLI(LightningCLI):
             except (BackboneError, FileNotFoundError) as err:
                 parser.error(f"ckpt_path: {err}")
             written_by = (self.checkpoint.get("tlmodules") or {}).get("module")
-            class_path = self.config[subcommand].get("model", {}).get("class_path") or ""
+            class_path = self.model_class_path()
             if written_by and class_path and written_by != class_path.rpartition(".")[2]:
                 parser.error(
                     f"ckpt_path: {ckpt_path} was written by {written_by}, not {class_path.rpartition('.')[2]}; "
@@ -188,16 +188,19 @@ class TransferCLI(LightningCLI):
             return
         hparams = dict(self.checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None) or self.config[self.config.subcommand].get("model", {}).get(
-            "class_path"
-        )
-        cls = import_class(class_path or "")
+        class_path = hparams.pop("_class_path", None) or self.model_class_path()
+        cls = import_class(class_path)
         if not hparams or cls is None:
             return
         accepted = set(inspect.signature(cls.__init__).parameters)
         init_args = {k: v for k, v in hparams.items() if k in accepted}
         update = {self.config.subcommand: {"model": {"class_path": class_path, "init_args": init_args}}}
         self.config = self.parser.parse_object(update, self.config)
+
+    def model_class_path(self) -> str:
+        """The parsed config's model class path (before instantiation; ``""`` when there is none)."""
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        return (config.get("model") or {}).get("class_path") or ""
 
     def subcommand_config(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config

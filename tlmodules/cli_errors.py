@@ -102,8 +102,9 @@ def simplify_parser_message(message: str, subcommand: str | None = None) -> str:
         option = not_accepted.group(1)
         keys.append(option)
         accepted = class_arguments(class_path)
-        detail = f"{class_path} has no argument {option!r}{did_you_mean(option, accepted)}"
-        if accepted and not did_you_mean(option, accepted):
+        suggestion = did_you_mean(option, accepted)
+        detail = f"{class_path} has no argument {option!r}{suggestion}"
+        if accepted and not suggestion:
             detail += f" (its arguments: {', '.join(accepted)})"
     elif expected:
         detail = f"got {expected.group(2)!r}, expected {describe_type(expected.group(1))}"
