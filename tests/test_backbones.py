@@ -34,7 +34,7 @@ from tlmodules.nets import MLPFeatures
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SPEC_FORMS = ("torchvision:", "hf:", "pkg:", "ckpt:", "builtin:")
+SPEC_FORMS = ("torchvision:", "hf:", "pkg:", "ckpt:", "builtin:", "timm:")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,215 @@
+"""What every backbone kind shares: the :class:`Backbone` module, its preprocessing and origin records,
+the settings a kind is built with, the error type, and the generic layer grouping.
+
+A backbone maps inputs to a feature tensor ``(B, num_features)``. It knows an ordered list of layer
+groups (input side → output side) used for unfreezing and layer-wise learning rates, and, where the
+source knows it, its preprocessing (torchvision and timm weights carry their eval transforms; Hugging
+Face models carry a tokenizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from tlmodules.errors import UserError
+from tlmodules.pooling import get_pooling
+
+
+class BackboneError(UserError, ValueError):
+    """A backbone spec or its weights cannot be resolved; the message says what is accepted."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a datamodule needs to feed a backbone.
+
+    Images: ``in_channels`` (grayscale is expanded to RGB and vice versa), ``resize_size`` then
+    ``crop_size`` (the torchvision eval recipe), ``mean``/``std`` normalisation.
+    Text: ``tokenizer``, a folder or hub id that ``AutoTokenizer.from_pretrained`` accepts; ``max_length``,
+    the most tokens the model reads (its position limit, when known).
+    """
+
+    kind: str  # "image" | "text"
+    in_channels: int | None = None
+    resize_size: int | None = None
+    crop_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    tokenizer: str | None = None
+    max_length: int | None = None
+
+
+@dataclass
+class BackboneOrigin:
+    """How to rebuild a backbone's architecture (recorded in checkpoints)."""
+
+    spec: str
+    weights: str | None = None
+    pooling: str = "mean"
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    """The model arguments a backbone kind may read (each kind reads those that apply to it).
+
+    Attributes:
+        weights: which pretrained weights (``DEFAULT``, a source's own weights name, a file, or ``none``).
+        pooling: ``mean`` | ``cls`` | ``max``, how sequence models pool token states.
+        trust_remote_code: let a Hugging Face repository run its own code (off unless asked).
+        pretrained: load the pretrained weights; ``False`` builds the architecture (and keeps the
+            preprocessing) for weights that a checkpoint is about to overwrite.
+    """
+
+    weights: str | None = "DEFAULT"
+    pooling: str = "mean"
+    trust_remote_code: bool = False
+    pretrained: bool = True
+
+
+def no_weights(weights: str | None) -> bool:
+    """Whether ``weights`` asks for a random initialisation (``none``, ``null``, ``random``, empty or ``None``)."""
+    return weights is None or str(weights).lower() in {"", "none", "null", "random"}
+
+
+class Backbone(nn.Module):
+    """A feature extractor with layer groups and preprocessing.
+
+    Args:
+        body: the network that maps inputs to features.
+        num_features: width ``F`` of the feature tensor ``(B, F)``.
+        groups: parameter names of ``body``, grouped from the input side to the output side.
+            Parameters in no group join the first (stem) group.
+        preprocessing: what the datamodule should do to raw inputs, if known.
+        origin: how to rebuild this backbone from a spec (``None`` for a user's module).
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        num_features: int,
+        groups: Sequence[Sequence[str]] | None = None,
+        preprocessing: Preprocessing | None = None,
+        origin: BackboneOrigin | None = None,
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.num_features = int(num_features)
+        self.preprocessing = preprocessing
+        self.origin = origin
+        names = [n for n, _ in body.named_parameters()]
+        groups = [list(g) for g in (groups or [names]) if g]
+        grouped = {n for g in groups for n in g}
+        unknown = grouped - set(names)
+        if unknown:
+            raise BackboneError(f"layer groups name parameters the body does not have: {sorted(unknown)[:5]}")
+        leftovers = [n for n in names if n not in grouped]
+        if leftovers:
+            groups[0] = leftovers + groups[0] if groups else leftovers
+        self._group_names: list[list[str]] = groups
+        self.adapter_names: set[str] = set()  # parameters added by adapters (LoRA), see tlmodules.lora
+
+    # -- layer groups -------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self._group_names)
+
+    def group_names(self, index: int) -> list[str]:
+        """Parameter names (relative to ``body``) of group ``index`` (0 = input side)."""
+        return list(self._group_names[index])
+
+    def group_parameters(self, index: int) -> list[nn.Parameter]:
+        params = dict(self.body.named_parameters())
+        return [params[n] for n in self._group_names[index] if n in params]
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, inputs: Any) -> Tensor:
+        """``inputs`` → features ``(B, num_features)``."""
+        return self.body(inputs)
+
+
+class TransformerBackbone(Backbone):
+    """A Hugging Face encoder whose token states are pooled into one vector per sequence.
+
+    ``inputs`` is the tokenizer's batch: ``input_ids`` ``(B, T)``, ``attention_mask`` ``(B, T)``
+    and optionally ``token_type_ids``; output ``(B, hidden_size)``.
+    """
+
+    def __init__(self, *args: Any, pooling: str = "mean", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pooling = pooling
+        self._pool = get_pooling(pooling)
+
+    def forward_tokens(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Per-token features ``(B, T, hidden_size)``."""
+        accepted = {"input_ids", "attention_mask", "token_type_ids"}
+        return self.body(**{k: v for k, v in inputs.items() if k in accepted}).last_hidden_state
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        return self._pool(self.forward_tokens(inputs), inputs["attention_mask"])
+
+
+def origin_dict(backbone: Backbone) -> dict[str, Any] | None:
+    """The backbone's origin as a plain dict (what checkpoints store under ``tlmodules.backbone``)."""
+    return None if backbone.origin is None else asdict(backbone.origin)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer grouping
+# ---------------------------------------------------------------------------------------------
+def param_names(module: nn.Module, prefix: str) -> list[str]:
+    """``module``'s parameter names, each prefixed with ``prefix`` (its path in the enclosing network)."""
+    return [f"{prefix}{n}" for n, _ in module.named_parameters()]
+
+
+def block_groups(model: nn.Module) -> list[list[str]]:
+    """Split a network into stem → blocks → neck groups of parameter names.
+
+    The blocks are the elements of the largest ``nn.Sequential``/``nn.ModuleList`` (by parameter
+    count, preferring those with at least three parameter-holding children); what comes before
+    them is the stem, what comes after is one final group. ResNet-style networks
+    (``layer1`` … ``layer4``) group by stage instead.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+        stages = [param_names(getattr(model, f"layer{i}"), f"layer{i}.") for i in range(1, 5)]
+        staged = {n for s in stages for n in s}
+        stem = [n for n in names if n not in staged]
+        return [g for g in [stem, *stages] if g]
+
+    best: tuple[int, int, str, nn.Module] | None = None
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential | nn.ModuleList):
+            continue
+        children = [c for c in module.children() if any(True for _ in c.parameters())]
+        size = sum(p.numel() for p in module.parameters())
+        key = (min(len(children), 3), size)
+        if len(children) >= 2 and (best is None or key > best[:2]):
+            best = (*key, mod_name, module)
+    if best is None:
+        return [names]
+    _, _, list_name, blocks = best
+    prefix = f"{list_name}." if list_name else ""
+    block_groups_ = [
+        param_names(child, f"{prefix}{child_name}.")
+        for child_name, child in blocks.named_children()
+        if any(True for _ in child.parameters())
+    ]
+    in_blocks = {n for g in block_groups_ for n in g}
+    first = names.index(block_groups_[0][0])
+    stem = [n for n in names[:first] if n not in in_blocks]
+    neck = [n for n in names[first:] if n not in in_blocks]
+    return [g for g in [stem, *block_groups_, neck] if g]
+
+
+def module_backbone(module: nn.Module, num_features: int | None = None) -> Backbone:
+    """Wrap a user's ``nn.Module`` (feature width ``num_features``, else its ``num_features`` attribute)."""
+    width = num_features if num_features is not None else getattr(module, "num_features", None)
+    if not isinstance(width, int):
+        raise BackboneError(f"{type(module).__name__} has no integer 'num_features'; pass num_features=<feature width>")
+    return Backbone(module, width, block_groups(module))
