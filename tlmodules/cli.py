@@ -29,13 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _Instan
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from tlmodules.backbones import (
-    ACCEPTED_FORMS,
-    BUILTIN_PREPROCESSING,
-    BackboneError,
-    load_checkpoint,
-    resolve_preprocessing,
-)
+from tlmodules.backbones import BackboneError, accepted_forms, load_checkpoint, resolve_preprocessing, spec_kind
 from tlmodules.cli_errors import DEBUG_VARIABLE, CommandLineError, check_config_files, simplify_parser_message
 from tlmodules.errors import find_user_error
 from tlmodules.predictions import PredictionWriter
@@ -211,11 +205,10 @@ class TransferCLI(LightningCLI):
         config = self.subcommand_config()
         init_args = config.get("model", {}).get("init_args", {}) if hasattr(config, "get") else {}
         spec = spec_or_none(init_args.get("backbone"))
-        if isinstance(spec, str) and ":" not in spec and spec not in MODULE_BACKBONE_NAMES:
-            self.parser.error(
-                f"model.init_args.backbone: {spec!r} has no kind; "
-                + ACCEPTED_FORMS.format(builtin_names=sorted(BUILTIN_PREPROCESSING))
-            )
+        if isinstance(spec, str) and spec not in MODULE_BACKBONE_NAMES and spec_kind(spec) is None:
+            kind = spec.partition(":")[0]
+            problem = "has no kind" if ":" not in spec else f"has an unknown kind {kind!r}"
+            self.parser.error(f"model.init_args.backbone: {spec!r} {problem}; {accepted_forms()}")
         try:
             resolve_preprocessing(spec, init_args.get("weights", "DEFAULT"))
         except (BackboneError, FileNotFoundError) as err:
