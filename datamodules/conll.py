@@ -18,8 +18,8 @@ from datamodules.text import (
     checked_max_length,
     token_counts,
 )
+from tlmodules.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 DOCSTART = "-DOCSTART-"
 
 
@@ -123,6 +123,19 @@ def align_word_labels(
     return out
 
 
+def word_start_mask(word_ids: Sequence[int | None]) -> list[bool]:
+    """Where words start: ``word_ids`` (T,) as a fast tokenizer's ``word_ids()`` gives them → (T,) ``True`` on
+    each word's FIRST sub-token, ``False`` on later sub-tokens and special tokens (``word_id`` None). These are
+    the positions that :func:`align_word_labels` labels."""
+    seen: set[int] = set()
+    out = []
+    for word in word_ids:
+        out.append(word is not None and word not in seen)
+        if word is not None:
+            seen.add(word)
+    return out
+
+
 def first_token_words(word_ids: Sequence[int | None]) -> list[int]:
     """The words that have a first sub-token, in order: ``word_ids`` (T,) as a fast tokenizer's ``word_ids()``
     gives them → the distinct word ids, special tokens (``None``) left out. These are the words that
@@ -132,18 +145,22 @@ def first_token_words(word_ids: Sequence[int | None]) -> list[int]:
 
 class TokenizedSentences(Dataset):
     """Pre-tokenized sentences: ``{"features": {"input_ids": [...][, "token_type_ids"]}, "labels": [...] (one
-    per token, ``-100`` where ignored), "index": sentence number in its file (0-based)}``."""
+    per token, ``IGNORE_INDEX`` where there is none), "word_starts": [...] (one bool per token, ``True`` on each
+    word's first sub-token), "index": sentence number in its file (0-based)}``."""
 
-    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[list[int]]) -> None:
+    def __init__(
+        self, encodings: dict[str, list[list[int]]], labels: list[list[int]], word_starts: list[list[bool]]
+    ) -> None:
         self.encodings = encodings
         self.labels = labels
+        self.word_starts = word_starts
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {k: v[index] for k, v in self.encodings.items()}
-        return {"features": item, "labels": self.labels[index], "index": index}
+        return {"features": item, "labels": self.labels[index], "word_starts": self.word_starts[index], "index": index}
 
 
 class ConllDataModule(ClassificationDataModule):
@@ -157,10 +174,12 @@ class ConllDataModule(ClassificationDataModule):
     Sentences are tokenized at setup with the backbone's fast tokenizer (or ``tokenizer``), words given as
     split, truncated to ``max_length`` tokens (default: 128, or the model's position limit when smaller; a value
     above that limit is refused). Batches: ``{"inputs": {"input_ids": (B, T), "attention_mask":
-    (B, T)[, "token_type_ids"]}, "labels": (B, T), "index": (B,)}``, padded per batch; ``labels`` holds the
-    word's tag index on each word's first sub-token and -100 on later sub-tokens, special tokens and padding.
-    Words beyond ``max_length`` after truncation get no label and are not scored. Predict batches have -1
-    (tag unknown) on each word's first sub-token: select predictions with ``labels != -100``.
+    (B, T)[, "token_type_ids"]}, "labels": (B, T) int64, "word_starts": (B, T) bool, "index": (B,)}``, padded
+    per batch. ``word_starts`` is ``True`` on each word's first sub-token that survives truncation and ``False``
+    on later sub-tokens, special tokens and padding. ``labels`` holds the word's tag index where
+    ``word_starts`` is ``True`` and ``IGNORE_INDEX`` (-100) elsewhere. Words beyond ``max_length`` after
+    truncation get no label and are not scored. Predict batches have no tags: ``labels`` is ``IGNORE_INDEX``
+    everywhere, and ``word_starts`` says which tokens to predict (one per word).
     ``group_by_length`` makes training batches of sentences of similar token counts (as in
     :class:`TextClassificationDataModule`).
 
@@ -260,15 +279,15 @@ class ConllDataModule(ClassificationDataModule):
     def _encode(self, tokenizer, stage: str) -> TokenizedSentences:
         data = self.data[stage]
         encodings = tokenizer(data.words, is_split_into_words=True, truncation=True, max_length=self.max_length)
-        if stage == "predict":
-            word_labels = [[-1] * len(words) for words in data.words]
+        word_ids = [encodings.word_ids(i) for i in range(len(data.words))]
+        if stage == "predict":  # no tags: nothing to score, word_starts marks what to predict
+            labels = [[IGNORE_INDEX] * len(ids) for ids in word_ids]
         else:
             index = {name: i for i, name in enumerate(self.class_names)}
-            word_labels = [[index[tag] for tag in tags] for tags in data.tags]
-        labels = [align_word_labels(encodings.word_ids(i), word_labels[i]) for i in range(len(data.words))]
-        self.tagged_words[stage] = [first_token_words(encodings.word_ids(i)) for i in range(len(data.words))]
+            labels = [align_word_labels(ids, [index[tag] for tag in tags]) for ids, tags in zip(word_ids, data.tags)]
+        self.tagged_words[stage] = [first_token_words(ids) for ids in word_ids]
         keep = [k for k in ("input_ids", "token_type_ids") if k in encodings]
-        return TokenizedSentences({k: encodings[k] for k in keep}, labels)
+        return TokenizedSentences({k: encodings[k] for k in keep}, labels, [word_start_mask(ids) for ids in word_ids])
 
     def setup(self, stage: str | None = None) -> None:
         if self.collate_fn is not None:

@@ -17,6 +17,7 @@ from datamodules.base import ClassificationDataModule, checked_label_list, hash_
 from datamodules.samplers import mix_seed
 from datamodules.tables import DataError
 from tlmodules.backbones import Preprocessing, resolve_preprocessing
+from tlmodules.labels import IGNORE_INDEX
 
 
 class ConvertMode:
@@ -97,7 +98,7 @@ def find_corrupt_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
 class ImageSamples(Dataset):
     """``(image source, label, id)`` triples → ``{"inputs", "labels", "index"}`` dicts.
 
-    A source is a file path or an in-memory PIL image; ``label`` may be ``-1`` (unlabelled).
+    A source is a file path or an in-memory PIL image; ``label`` is ``IGNORE_INDEX`` for an unlabelled image.
 
     Random transforms (``augment``, ``hflip``) draw from torch's CPU generator, as torchvision's do. Once a
     training loader has named the pass (:meth:`set_pass`, from :class:`datamodules.loaders.ResumableLoader`:
@@ -285,4 +286,4 @@ class ImageFolderDataModule(ClassificationDataModule):
             self.check_not_empty("predict", len(paths), folder)
             self._verify(paths)
             self.predict_ids = [str(p.relative_to(folder)) for p in paths]
-            self.datasets["predict"] = ImageSamples(paths, [-1] * len(paths), self.eval_transform)
+            self.datasets["predict"] = ImageSamples(paths, [IGNORE_INDEX] * len(paths), self.eval_transform)

@@ -17,11 +17,11 @@ from datamodules.images import build_image_transform
 from datamodules.tables import DataError, Table, TableFormat, merge_tables, read_table
 from datamodules.text import PadCollator, TextClassificationDataModule, check_max_length_argument, checked_max_length
 from tlmodules.backbones import resolve_preprocessing
+from tlmodules.labels import IGNORE_INDEX
 
 TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
 MULTILABEL_SEPARATOR = "|"  # "a|c": labels a and c; in JSON lines a list ["a", "c"] works too
 INPUT_KINDS = ("numeric", "text", "image")
-IGNORE_INDEX = -100  # a missing multiclass label (cross-entropy's ignore_index)
 BINARY_WORDS = {"0": 0.0, "1": 1.0, "false": 0.0, "true": 1.0, "no": 0.0, "yes": 1.0}
 
 
@@ -142,7 +142,7 @@ class MultiTaskDataModule(ClassificationDataModule):
     the training file's rows). Labels per task kind:
 
     * ``multiclass``: int64 index into the task's class names (its ``labels`` when given, else the sorted
-      distinct values of the training file); a missing label is ``-100`` (ignored).
+      distinct values of the training file); a missing label is ``IGNORE_INDEX`` (-100, ignored).
     * ``binary``: float32 0.0/1.0 from 0/1, true/false, yes/no (any case), or, when the training column holds
       exactly two other values, from those two in sorted order; a missing label is NaN.
     * ``multilabel``: ``(K,)`` float32 0/1 over the task's label names (its ``labels`` when given, else the
@@ -155,7 +155,7 @@ class MultiTaskDataModule(ClassificationDataModule):
 
     Inputs per ``input_kind``:
 
-    * ``numeric``: ``(num_features,)`` float32 rows of ``feature_columns``, standardised with the mean and
+    * ``numeric``: ``(in_features,)`` float32 rows of ``feature_columns``, standardised with the mean and
       (population) standard deviation of the training split only; a constant column is only centred. The
       statistics (``feature_mean``, ``feature_std``) travel in checkpoints and replace the data's own.
     * ``text``: ``text_column`` tokenized by the backbone's tokenizer as
@@ -169,8 +169,8 @@ class MultiTaskDataModule(ClassificationDataModule):
     (multiclass and binary: the class names, a binary task's negative class first; regression: ``None``),
     for regression also ``target_mean`` and ``target_std`` (population) of the labelled values of the training
     split only, their other keys (``weight``, ``head_hidden``, …) kept as given; ``task_names``;
-    ``num_features`` (numeric input only, else ``None``). ``targets[stage]`` maps each task to the ``(N,)``
-    label tensor of a file.
+    ``in_features`` (the number of numeric input columns, MultiTaskModule's ``in_features``; numeric input only,
+    else ``None``). ``targets[stage]`` maps each task to the ``(N,)`` label tensor of a file.
 
     Args:
         train_file: the training table (or a list of tables to merge); without ``val_file``, a seeded
@@ -237,7 +237,7 @@ class MultiTaskDataModule(ClassificationDataModule):
         specs = self._check_task_specs(tasks, train)
         self.binary_words: set[str] = set()  # binary tasks read as 0/1, true/false, yes/no
         self.input_columns = self._input_columns(specs, train, feature_columns, text_column, image_column)
-        self.num_features: int | None = len(self.input_columns) if input_kind == "numeric" else None
+        self.in_features: int | None = len(self.input_columns) if input_kind == "numeric" else None
         for stage, table in self.tables.items():
             for column in self.input_columns:  # in every file; a label column in one file of a stage at least
                 for part in self.parts[stage]:
@@ -493,7 +493,7 @@ class MultiTaskDataModule(ClassificationDataModule):
 
     # -- inputs ------------------------------------------------------------------------------------
     def _features(self, table: Table) -> torch.Tensor:
-        """Raw ``(N, num_features)`` float32 features of a file."""
+        """Raw ``(N, in_features)`` float32 features of a file."""
         columns = [table.column(c, "feature") for c in self.input_columns]
         rows = []
         for row in range(len(table.rows)):
@@ -592,12 +592,12 @@ class MultiTaskDataModule(ClassificationDataModule):
     # -- scaling, checkpoints, caching -------------------------------------------------------------
     @property
     def feature_mean(self) -> torch.Tensor | None:
-        """Per-feature training mean ``(num_features,)`` (numeric input, after ``setup`` or a checkpoint)."""
+        """Per-feature training mean ``(in_features,)`` (numeric input, after ``setup`` or a checkpoint)."""
         return None if self.scaler is None else self.scaler.mean
 
     @property
     def feature_std(self) -> torch.Tensor | None:
-        """Per-feature training standard deviation ``(num_features,)`` (1 for constant columns)."""
+        """Per-feature training standard deviation ``(in_features,)`` (1 for constant columns)."""
         return None if self.scaler is None else self.scaler.std
 
     def state_dict(self) -> dict[str, Any]:
@@ -624,10 +624,10 @@ class MultiTaskDataModule(ClassificationDataModule):
             return
         mean = torch.as_tensor(state_dict["feature_mean"], dtype=torch.float32)
         std = torch.as_tensor(state_dict["feature_std"], dtype=torch.float32)
-        if self.input_kind != "numeric" or mean.shape != (self.num_features,):
+        if self.input_kind != "numeric" or mean.shape != (self.in_features,):
             raise DataError(
                 f"the checkpoint scales {len(mean)} numeric features ({state_dict.get('feature_columns')}) but this "
-                f"data has {self.num_features} ({self.input_columns if self.input_kind == 'numeric' else 'none'}); "
+                f"data has {self.in_features} ({self.input_columns if self.input_kind == 'numeric' else 'none'}); "
                 "use the same feature_columns"
             )
         if self.scaler is None:

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset, Subset
 from datamodules.base import ClassificationDataModule, checked_label_list, label_set, map_labels, seeded_split
 from datamodules.tables import DataError, Table, TableFormat, read_table
 from tlmodules.backbones import resolve_preprocessing
+from tlmodules.labels import IGNORE_INDEX
 from tlmodules.positions import position_limit
 
 DEFAULT_MAX_LENGTH = 128
@@ -68,10 +69,11 @@ class PadCollator:
 
     Returns ``{"inputs": {"input_ids": (B, T), "attention_mask": (B, T)[, "token_type_ids"]},
     "labels": (B,), "index": (B,)}``; when each item's labels are a list (one per token), ``"labels"``
-    is (B, T), padded with ``label_pad_id``.
+    is (B, T), padded with ``label_pad_id``. Items with ``"word_starts"`` (one bool per token) add
+    ``"word_starts"``: a (B, T) bool tensor padded with ``False``.
     """
 
-    def __init__(self, pad_token_id: int, label_pad_id: int = -100) -> None:
+    def __init__(self, pad_token_id: int, label_pad_id: int = IGNORE_INDEX) -> None:
         self.pad_token_id = pad_token_id
         self.label_pad_id = label_pad_id
 
@@ -91,11 +93,17 @@ class PadCollator:
             if has_types:
                 types = item["features"]["token_type_ids"]
                 inputs["token_type_ids"][row, : len(types)] = torch.tensor(types, dtype=torch.long)
-        return {
+        batch = {
             "inputs": inputs,
             "labels": self._labels([it["labels"] for it in items], length),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
+        if "word_starts" in items[0]:
+            starts = torch.zeros((batch_size, length), dtype=torch.bool)
+            for row, item in enumerate(items):
+                starts[row, : len(item["word_starts"])] = torch.tensor(item["word_starts"], dtype=torch.bool)
+            batch["word_starts"] = starts
+        return batch
 
     def _labels(self, labels: list[Any], length: int) -> torch.Tensor:
         """(B,) for one label per item; (B, T) padded with ``label_pad_id`` for one label per token."""
@@ -206,7 +214,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         encodings = tokenizer(texts, truncation=True, max_length=self.max_length)
         keep = [k for k in ("input_ids", "token_type_ids") if k in encodings]
         if stage == "predict":
-            labels = [-1] * len(texts)
+            labels = [IGNORE_INDEX] * len(texts)
         else:
             labels = map_labels(table.column(hp.label_column, "label"), self.class_names, str(table.path))
         return {k: encodings[k] for k in keep}, labels

@@ -9,8 +9,10 @@ import torch
 from conftest import MINILM_SPEC
 
 from datamodules import ConllDataModule, DataError, align_word_labels
+from datamodules.conll import word_start_mask
 from datamodules.text import PadCollator
 from tlmodules.entities import tags_from_logits
+from tlmodules.labels import IGNORE_INDEX
 
 # CoNLL-2003 layout: word, POS, chunk, NER. Lines: 1 DOCSTART, 2 blank, 3-7 sentence 0, 8 blank,
 # 9-12 sentence 1 (all words in the tiny vocab), 13-14 blanks, 15 DOCSTART, 16 blank, 17-18 sentence 2,
@@ -38,7 +40,7 @@ BRUSSELS NNP B-NP B-LOC
 1996-08-22 CD I-NP O"""
 
 NER_TAGS = ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-PER"]
-IGN = -100
+IGN = IGNORE_INDEX
 
 
 def write(path: Path, text: str) -> Path:
@@ -72,6 +74,15 @@ def test_align_word_labels_first_sub_token_only():
         align_word_labels(word_ids, [4, 0, 1])
 
 
+def test_word_start_mask_marks_the_labelled_positions():
+    # [CLS] johan ##son visited ak ##ure ##yr ##i . [SEP]
+    word_ids = [None, 0, 0, 1, 2, 2, 2, 2, 3, None]
+    starts = word_start_mask(word_ids)
+    assert starts == [False, True, False, True, True, False, False, False, True, False]
+    assert starts == [label != IGN for label in align_word_labels(word_ids, [4, 0, 1, 0])]
+    assert word_start_mask([None, 0, 2, 2, None]) == [False, True, True, False, False]  # word 1 has no token
+
+
 def test_align_word_labels_with_the_minilm_tokenizer():
     from transformers import AutoTokenizer
 
@@ -84,6 +95,7 @@ def test_align_word_labels_with_the_minilm_tokenizer():
     assert encoding.word_ids() == [None, 0, 0, 1, 2, 2, 2, 2, 3, None]
     labels = align_word_labels(encoding.word_ids(), tag_index("B-PER", "O", "B-LOC", "O"))
     assert labels == [IGN, 4, IGN, 0, 1, IGN, IGN, IGN, 0, IGN]
+    assert word_start_mask(encoding.word_ids()) == [False, True, False, True, True, False, False, False, True, False]
 
 
 def test_minilm_backbone_through_the_datamodule(tmp_path):
@@ -93,6 +105,7 @@ def test_minilm_backbone_through_the_datamodule(tmp_path):
     dm.setup("fit")
     item = dm.datasets["train"][0]
     assert item["labels"] == [IGN, 2, IGN, 0, 1, IGN, IGN, IGN, 0, IGN]
+    assert item["word_starts"] == [False, True, False, True, True, False, False, False, True, False]
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -139,6 +152,15 @@ def test_batch_shapes_and_aligned_labels(conll_file, tiny_hf_dir):
         [IGN, loc, o, IGN, IGN, IGN, IGN, IGN],  # the date's 4 later sub-tokens are not labelled
     ]
     assert (labels[mask == 0] == IGN).all()
+    starts = batch["word_starts"]
+    assert starts.dtype == torch.bool and starts.shape == (4, 8)
+    assert starts.tolist() == [
+        [False, True, True, True, True, True, False, False],  # [CLS] 5 words [SEP] pad
+        [False, True, True, True, True, False, False, False],
+        [False, True, True, False, False, False, False, False],
+        [False, True, True, False, False, False, False, False],  # the date's 4 later sub-tokens are not starts
+    ]
+    assert torch.equal(starts, labels != IGN)  # a tag exactly where a word starts
     vocab = [line.strip() for line in (tiny_hf_dir / "vocab.txt").read_text().splitlines()]
     assert [vocab[i] for i in ids[1, :6].tolist()] == ["[CLS]", "the", "food", "was", "good", "[SEP]"]
     assert [vocab[i] for i in ids[0, 1:6].tolist()] == ["[UNK]"] * 5  # words outside the tiny vocab
@@ -153,6 +175,7 @@ def test_truncation_drops_labels_past_max_length(conll_file, tiny_hf_dir):
     first = dm.datasets["train"][0]
     assert len(first["features"]["input_ids"]) == 4
     assert first["labels"] == [IGN, *tag_index("B-ORG", "O"), IGN]  # [CLS] EU rejects [SEP]: 3 words unscored
+    assert first["word_starts"] == [False, True, True, False]  # words cut off by truncation do not start
     batch = dm.collate_fn([first])
     _, gold = tags_from_logits(torch.zeros(1, 4, 6), batch["labels"], dm.class_names)
     assert gold == [["B-ORG", "O"]]
@@ -163,8 +186,46 @@ def test_predict_file_marks_word_starts(tmp_path, tiny_hf_dir, conll_file):
     dm = conll_module(tiny_hf_dir, train_file=str(conll_file), predict_file=str(path))
     dm.setup("predict")
     assert dm.sentences["predict"] == [["the", "food"], ["1996-08-22"]]
-    assert dm.datasets["predict"][1]["labels"] == [IGN, -1, IGN, IGN, IGN, IGN, IGN]
+    item = dm.datasets["predict"][1]  # [CLS] 1996 - 08 - 22 [SEP]
+    assert item["labels"] == [IGN] * 7  # no tags to predict from
+    assert item["word_starts"] == [False, True, False, False, False, False, False]
     assert [dm.prediction_id(i) for i in range(2)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("max_length", [None, 5])
+def test_word_starts_are_the_first_sub_tokens_and_the_same_for_predict(conll_file, tiny_hf_dir, max_length):
+    """The tokenizer's word_ids say where each word's first sub-token is; labelled and predict batches of the
+    same sentences mark the same positions, and predict batches carry no label anywhere."""
+    from transformers import AutoTokenizer
+
+    dm = conll_module(
+        tiny_hf_dir, test_file=str(conll_file), predict_file=str(conll_file), max_length=max_length, batch_size=8
+    )
+    dm.setup()
+    test, predict = next(iter(dm.test_dataloader())), next(iter(dm.predict_dataloader()))
+    assert torch.equal(test["inputs"]["input_ids"], predict["inputs"]["input_ids"])
+    assert predict["word_starts"].dtype == torch.bool and torch.equal(predict["word_starts"], test["word_starts"])
+    assert (predict["labels"] == IGN).all() and predict["labels"].shape == test["labels"].shape
+    assert torch.equal(test["word_starts"], test["labels"] != IGN)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    encodings = tokenizer(dm.sentences["test"], is_split_into_words=True, truncation=True, max_length=dm.max_length)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # [UNK] can start a word
+    seen_later = 0
+    for row in range(len(dm.sentences["test"])):
+        word_ids = encodings.word_ids(row)
+        firsts = [t for t, w in enumerate(word_ids) if w is not None and w not in word_ids[:t]]
+        starts = predict["word_starts"][row]
+        assert starts.nonzero().flatten().tolist() == firsts
+        assert len(firsts) == len(dm.prediction_words(row)[1])  # one start per predicted word
+        ids = predict["inputs"]["input_ids"][row]
+        padding = predict["inputs"]["attention_mask"][row] == 0
+        assert not starts[padding].any()
+        assert not any(starts[t] for t, i in enumerate(ids.tolist()) if i in special)  # [CLS], [SEP], [PAD]
+        later = [t for t, w in enumerate(word_ids) if w is not None and w in word_ids[:t]]
+        assert not starts[later].any()
+        seen_later += len(later)
+    assert seen_later > 0  # "1996-08-22" is split into sub-tokens
 
 
 def test_pad_collator_keeps_sentence_labels_and_pads_token_labels():

@@ -15,6 +15,7 @@ from PIL import Image
 from datamodules import DataError, ImageFolderDataModule, SklearnDigitsDataModule
 from datamodules.images import find_corrupt_images, list_images
 from tlmodules import FineTuneModule
+from tlmodules.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -257,7 +258,7 @@ def test_predict_dir_flat_folder_ids_are_relative_paths(tmp_path):
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     assert batch["inputs"].shape == (3, 3, 28, 28)
-    assert batch["labels"].tolist() == [-1, -1, -1]
+    assert batch["labels"].tolist() == [IGNORE_INDEX] * 3  # unlabelled
     ids = [dm.prediction_id(i) for i in batch["index"].tolist()]
     assert ids == ["a.jpg", "b.png", str(Path("sub") / "c.png")]
 

@@ -61,7 +61,7 @@ def rows(path: Path, columns: list[str]) -> np.ndarray:
 def test_numeric_features_standardised_with_train_split_statistics(tmp_path):
     train = numeric_table(tmp_path / "train.csv", n=20)
     dm = numeric_module(train, val_fraction=0.25, seed=3)
-    assert dm.num_features == 3 and dm.input_columns == ["a", "b", "c"]  # every column no task uses
+    assert dm.in_features == 3 and dm.input_columns == ["a", "b", "c"]  # every column no task uses
     dm.setup("fit")
     raw = rows(train, ["a", "b", "c"])
     train_idx, val_idx = dm.datasets["train"].indices, dm.datasets["val"].indices
@@ -367,7 +367,7 @@ def test_text_input_padded_per_batch(tmp_path, tiny_hf_dir):
         val_fraction=0,
         batch_size=2,
     )
-    assert dm.num_features is None and dm.tokenizer_source == str(tiny_hf_dir)
+    assert dm.in_features is None and dm.tokenizer_source == str(tiny_hf_dir)
     dm.setup("fit")
     assert dm.datasets["train"][0]["inputs"]["input_ids"][0] == 2  # [CLS]
     loader = dm._loader("train", shuffle=False)
@@ -426,7 +426,7 @@ def test_energy_efficiency_two_regression_tasks():
         {"name": "cooling", "kind": "regression", "column": "coolload"},
     ]
     dm = MultiTaskDataModule(train_file=str(ENERGY), tasks=tasks, val_fraction=0.2, batch_size=64)
-    assert dm.num_features == 8
+    assert dm.in_features == 8
     assert dm.input_columns == ["relacomp", "surf", "wall", "roof", "height", "orient", "glazarea", "glazdist"]
     assert all(t["num_outputs"] == 1 and t["class_names"] is None for t in dm.tasks)
     for name in ("heating", "cooling"):

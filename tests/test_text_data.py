@@ -11,6 +11,8 @@ import torch
 from conftest import MINILM_SPEC, SHARED_DATA
 
 from datamodules import DataError, TextClassificationDataModule
+from datamodules.text import PadCollator
+from tlmodules.labels import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +269,26 @@ def test_predict_file_ids_are_row_numbers(tmp_path, tiny_hf_dir):
     dm = text_module(tiny_hf_dir, predict_file=str(path))
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    assert batch["labels"].tolist() == [-1, -1]
+    assert batch["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX]  # unlabelled
+    assert "word_starts" not in batch  # one label per sentence: no token positions
     assert [dm.prediction_id(i) for i in batch["index"].tolist()] == ["1", "2"]
+
+
+def test_pad_collator_pads_labels_with_ignore_index_and_word_starts_with_false():
+    items = [
+        {"features": {"input_ids": [2, 7, 8, 3]}, "labels": [IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX], "index": 0},
+        {"features": {"input_ids": [2, 9]}, "labels": [IGNORE_INDEX, 0], "index": 1},
+    ]
+    batch = PadCollator(0)(items)
+    assert "word_starts" not in batch
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX],
+        [IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX],  # padded
+    ]
+    items[0]["word_starts"], items[1]["word_starts"] = [False, True, False, False], [False, True]
+    starts = PadCollator(0)(items)["word_starts"]
+    assert starts.dtype == torch.bool and starts.shape == (2, 4)
+    assert starts.tolist() == [[False, True, False, False], [False, True, False, False]]  # padding is False
 
 
 # -- checkpoint state ---------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def expected_per_word(model: FeatureProbeModule, data: ConllDataModule, features
                 values = model(batch["inputs"]).float().softmax(-1)
             for row, index in enumerate(batch["index"].tolist()):
                 _, positions = data.prediction_words(index)
-                starts = values[row][batch["labels"][row] != -100]
+                starts = values[row][batch["word_starts"][row]]
                 assert len(starts) == len(positions)
                 out.update({(index, p): v for p, v in zip(positions, starts)})
     return out

@@ -9,6 +9,8 @@ from seqeval.metrics.sequence_labeling import get_entities
 from torch import Tensor
 from torchmetrics import Metric
 
+from tlmodules.labels import IGNORE_INDEX
+
 
 def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """The entities of one sentence's BIO tags as ``(type, first, last)`` word positions (``last`` inclusive).
@@ -85,7 +87,7 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def tags_from_logits(
-    logits: Tensor, labels: Tensor, class_names: Sequence[str], ignore_index: int = -100
+    logits: Tensor, labels: Tensor, class_names: Sequence[str], ignore_index: int = IGNORE_INDEX
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Predicted and gold tags per sentence, read at the labelled positions only, in order.
 
@@ -110,7 +112,7 @@ def tags_from_logits(
         value = labels[bad][0].item()
         raise ValueError(
             f"label {value} is neither a class index in [0, {len(class_names)}) nor ignore_index={ignore_index}; "
-            "(predict batches have no gold tags: select their positions with labels != ignore_index instead)"
+            "(predict batches have no gold tags: read their word starts from batch['word_starts'] instead)"
         )
     best = logits.detach().argmax(dim=-1).cpu()
     predicted, gold = [], []
