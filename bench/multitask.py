@@ -269,7 +269,7 @@ def main() -> None:
             if problem == "energy":
                 settings = ENERGY_SETTINGS
                 if args.energy_head_hidden > 0:  # task-specific capacity on top of the shared trunk
-                    model = {**ENERGY_SETTINGS["model"], "head_hidden": args.energy_head_hidden}
+                    model = {**ENERGY_SETTINGS["model"], "head": "mlp", "head_hidden": args.energy_head_hidden}
                     settings = {**ENERGY_SETTINGS, "model": model}
                     problem = f"energy_head{args.energy_head_hidden}"
                 runs = energy(args.methods, args.folds, args.seed, Path(tmp), print, settings)

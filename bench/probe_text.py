@@ -133,7 +133,7 @@ def probe(files, classifier: str, cache_dir: str, epochs: int = 1, cache: bool =
     data = datamodule(files, batch_size=64)
     model = FeatureProbeModule(
         backbone=MINILM,
-        classifier=classifier,
+        head=classifier,
         cache_dir=cache_dir,
         cache_features=cache,
         num_classes=data.num_classes,
@@ -177,7 +177,7 @@ def cache_speedup(files, epochs: int = 10) -> dict[str, float]:
     for name, cache in (("rerun_backbone", False), ("cached", True)):
         pl.seed_everything(SEED, workers=True)
         data = datamodule(files, batch_size=64)
-        model = FeatureProbeModule(backbone=MINILM, classifier="linear", lr=5e-3, cache_features=cache)
+        model = FeatureProbeModule(backbone=MINILM, head="linear", lr=5e-3, cache_features=cache)
         start = time.perf_counter()
         trainer(epochs).fit(model, datamodule=data)
         timings[name] = time.perf_counter() - start

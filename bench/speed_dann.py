@@ -82,7 +82,7 @@ def plain_dann_round(
             feats_s, feats_t = feats[: len(source)], feats[len(source) :]
             logits_s = model.head(feats_s)
             coefficient = dann_lambda(done / total, model.hparams.lambda_max, model.hparams.gamma)
-            domain_loss, _ = model.domain_loss(feats_s, feats_t, logits_s, feats_t.new_empty(0), coefficient)
+            domain_loss, _ = model.alignment(feats_s, feats_t, coefficient)
             loss = F.cross_entropy(logits_s, labels) + domain_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset, default_c
 from bench.common import MINILM, SHARED, read_tsv, write_tsv
 from bench.timing import QUIET_TRAINER, StepTimes, alternate, median_ms, ratio_summary, timed_loop
 from tlmodules import FineTuneModule
+from tlmodules.labels import IGNORE_INDEX
 
 SEED = 0
 GOAL = 1.05
@@ -155,7 +156,7 @@ def hand_round(setup: Setup) -> Callable[[], float]:
         def step(batch: dict[str, Any]) -> None:
             inputs, labels = to_device(batch["inputs"], device), to_device(batch["labels"], device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs).float(), labels, ignore_index=-100, label_smoothing=smoothing)
+            loss = F.cross_entropy(model(inputs).float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
             loss.backward()
             optimizer.step()
             scheduler.step()

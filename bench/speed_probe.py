@@ -38,7 +38,7 @@ def probe_round(files: tuple[Path, Path], cache: bool, epochs: int, scores: dict
             train_file=str(files[0]), test_file=str(files[1]), text_column=0, label_column=1, quoting=False,
             backbone=MINILM, max_length=128, val_fraction=0.0, batch_size=32, num_workers=0,
         )  # fmt: skip
-        model = FeatureProbeModule(backbone=MINILM, classifier="linear", lr=5e-3, cache_features=cache, num_classes=2)
+        model = FeatureProbeModule(backbone=MINILM, head="linear", lr=5e-3, cache_features=cache, num_classes=2)
         trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, **QUIET_TRAINER)
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)

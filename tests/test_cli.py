@@ -210,7 +210,7 @@ def is_multitask(recipe: dict[str, Any]) -> bool:
 def check_task_links(cli: Any, case: DataCase) -> None:
     """The data's completed task list and input width reached the model; one head per task."""
     assert [t["name"] for t in cli.model.tasks] == cli.datamodule.task_names == case.task_names
-    assert cli.model.hparams.in_features == cli.datamodule.num_features == case.num_features
+    assert cli.model.hparams.in_features == cli.datamodule.in_features == case.num_features
     assert set(cli.model.heads) == set(case.task_names)
     for task in cli.datamodule.tasks:
         assert cli.model.heads[task["name"]].num_classes == task["num_outputs"]

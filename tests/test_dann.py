@@ -19,9 +19,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-import tlmodules.dann as dann_module
+import tlmodules.alignment.dann as dann_alignment
 from datamodules import DigitsDomainDataModule
 from tlmodules import DANNModule
+from tlmodules.alignment import ConditionalDomainAdversarialLoss, DomainAdversarialLoss
 from tlmodules.grl import GradientReversalLayer, grad_reverse
 from tlmodules.heads import DomainDiscriminator
 from tlmodules.information import InformationMaximization
@@ -300,7 +301,7 @@ def tiny_dann(batch_norm: bool = False, **kwargs: Any) -> DANNModule:
     settings = {  # pinned: the tests below must not move when DANN's defaults are tuned
         "num_classes": NUM_CLASSES,
         "bottleneck": 0,
-        "head_hidden": 0,
+        "head": "linear",
         "dropout": 0.0,
         "optimizer": "sgd",
         "lr_schedule": "dann",
@@ -360,15 +361,14 @@ def test_domain_loss_gradient_on_the_features_is_reversed(monkeypatch: pytest.Mo
     model = tiny_dann()
     feats_s = torch.randn(5, WIDTH, requires_grad=True)
     feats_t = (torch.randn(7, WIDTH) + 1.0).requires_grad_(True)
-    empty = torch.empty(0)
     disc_params = list(model.discriminator.parameters())
 
     def grads(coefficient: float) -> list[Tensor]:
-        loss, _ = model.domain_loss(feats_s, feats_t, empty, empty, coefficient)
+        loss, _ = model.alignment(feats_s, feats_t, coefficient)
         return list(torch.autograd.grad(loss, [feats_s, feats_t, *disc_params]))
 
     reversed_one, reversed_half = grads(1.0), grads(0.5)
-    monkeypatch.setattr(dann_module, "grad_reverse", plain_path)
+    monkeypatch.setattr(dann_alignment, "grad_reverse", plain_path)
     plain = grads(1.0)
     for i in (0, 1):
         assert plain[i].abs().max() > 1e-4
@@ -386,10 +386,10 @@ def test_adversarial_step_trains_the_discriminator_and_reverses_its_gradient_int
     data = domain_pairs(8)
     ce_only = first_step_grads(copy.deepcopy(base), data, 0.0)  # λ = 0: the classification gradient alone
     adversarial = first_step_grads(copy.deepcopy(base), data, 1.0)
-    monkeypatch.setattr(dann_module, "grad_reverse", plain_path)
+    monkeypatch.setattr(dann_alignment, "grad_reverse", plain_path)
     cooperative = first_step_grads(copy.deepcopy(base), data, 1.0)  # the discriminator's gradient, not reversed
 
-    disc = [n for n, _ in base.named_parameters() if n.startswith("discriminator.")]
+    disc = [n for n, _ in base.named_parameters() if n.startswith("alignment.discriminator.")]
     assert disc and set(disc) <= set(adversarial)
     assert all(adversarial[n].abs().max() > 0 for n in disc)
     for n in disc:  # the reversal sits below the discriminator: its own gradient does not depend on λ
@@ -413,9 +413,8 @@ def test_discriminator_sees_both_domains_in_one_batch() -> None:
     model = tiny_dann(discriminator_hidden=16)
     feats = torch.randn(16, WIDTH)
     optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=0.02)
-    empty = torch.empty(0)
     for _ in range(40):
-        loss, accuracy = model.domain_loss(feats, feats + 1.0, empty, empty, 1.0)
+        loss, accuracy = model.alignment(feats, feats + 1.0, 1.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -512,55 +511,28 @@ def test_joint_and_separate_batches_give_the_same_features_without_batch_norm() 
     assert not torch.allclose(bn_joint._domain_features(x_s, x_t)[0], bn_separate._domain_features(x_s, x_t)[0])
 
 
-class LinearLogit(nn.Module):
-    """A stand-in discriminator with known logits: ``x @ v``."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.v = nn.Parameter(torch.randn(width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x @ self.v
-
-
-def test_cdan_conditions_the_discriminator_on_predictions_and_weighs_confident_samples() -> None:
-    model = tiny_dann(method="cdan")
-    assert model.discriminator.net[0].in_features == WIDTH * NUM_CLASSES
-    model.discriminator = LinearLogit(WIDTH * NUM_CLASSES)
-    feats_s, feats_t = torch.randn(4, WIDTH), torch.randn(6, WIDTH)
-    logits_s = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, -4.0, 4.0]], requires_grad=True)
-    logits_t = torch.randn(6, NUM_CLASSES) * 2
-
-    def expected(entropy_conditioning: bool) -> Tensor:
-        total = torch.zeros(())
-        for feats, logits, sign in ((feats_s, logits_s, 1.0), (feats_t, logits_t, -1.0)):
-            probs = logits.detach().softmax(-1)
-            conditioned = (probs[:, :, None] * feats[:, None, :]).flatten(1)  # f ⊗ p
-            d = conditioned @ model.discriminator.v.detach()
-            bce = F.softplus(-sign * d)  # source label 1, target label 0
-            if entropy_conditioning:
-                h = -(probs * probs.log()).sum(-1)
-                w = 1 + torch.exp(-h)
-                total = total + (bce * w / w.sum()).sum()
-            else:
-                total = total + bce.mean()
-        return 0.5 * total
-
-    loss, _ = model.domain_loss(feats_s, feats_t, logits_s, logits_t, 1.0)
-    torch.testing.assert_close(loss, expected(True))
-    # the predictions condition the discriminator but get no gradient from it
-    assert torch.autograd.grad(loss, logits_s, allow_unused=True)[0] is None
-    model.hparams.entropy_conditioning = False
-    loss, _ = model.domain_loss(feats_s, feats_t, logits_s, logits_t, 1.0)
-    torch.testing.assert_close(loss, expected(False))
-
-    # CDAN+E's weights sum to one per domain: a constant logit gives the unweighted loss at any batch sizes
-    model.hparams.entropy_conditioning = True
-    model.discriminator = nn.Sequential(LinearLogit(WIDTH * NUM_CLASSES))
-    with torch.no_grad():
-        model.discriminator[0].v.zero_()
-    loss, _ = model.domain_loss(feats_s, feats_t, logits_s, logits_t, 1.0)
-    assert float(loss.detach()) == pytest.approx(math.log(2.0))
+@pytest.mark.parametrize(
+    ("method", "entropy_conditioning", "kind"),
+    [
+        ("dann", True, DomainAdversarialLoss),
+        ("cdan", True, ConditionalDomainAdversarialLoss),
+        ("cdan", False, ConditionalDomainAdversarialLoss),
+    ],
+)
+def test_the_method_builds_its_alignment_loss(method: str, entropy_conditioning: bool, kind: type) -> None:
+    """DANN and CDAN(+E) get their own loss module (its numerics: tests/test_alignment.py), which owns the
+    discriminator: CDAN's sees ``p ⊗ f`` ``(B, W·C)``; checkpoints hold it under ``alignment.discriminator.``."""
+    model = tiny_dann(method=method, entropy_conditioning=entropy_conditioning)
+    assert type(model.alignment) is kind
+    assert model.discriminator is model.alignment.discriminator
+    assert model.discriminator.net[0].in_features == WIDTH * (NUM_CLASSES if method == "cdan" else 1)
+    if method == "cdan":
+        assert model.alignment.entropy_conditioning is entropy_conditioning
+    keys = [k for k in model.state_dict() if "discriminator" in k]
+    assert keys and all(k.startswith("alignment.discriminator.") for k in keys)
+    disc_group = [g for g in model.parameter_groups() if g.name == "discriminator"]
+    assert len(disc_group) == 1
+    assert {id(p) for p in disc_group[0].params} == {id(p) for p in model.alignment.parameters()}
 
 
 def test_cdan_trains_end_to_end() -> None:

@@ -246,8 +246,8 @@ def test_domain_adaptation_shards_source_and_target_and_keeps_ranks_identical(tm
     assert set(r0["target"]) | set(r1["target"]) == set(range(TARGET_TRAIN))
 
     # the model (discriminator included) moved, and identically on both ranks
-    assert any(n.startswith("discriminator.") for n in r0["final"])
-    assert max_diff(r0["final"], r0["initial"], "discriminator.") > 1e-4
+    assert any(n.startswith("alignment.discriminator.") for n in r0["final"])
+    assert max_diff(r0["final"], r0["initial"], "alignment.discriminator.") > 1e-4
     assert max_diff(r0["final"], r0["initial"], "backbone.") > 1e-4
     for name in r0["final"]:
         assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
@@ -285,7 +285,8 @@ def test_multitask_ranks_stay_identical_with_partial_labels(tmp_path: Path, weig
     # a mid-epoch checkpoint (step 2: two batches of 8 per rank) holds both ranks' running loss sums:
     # 16 "kind" labels (rank 0's; rank 1 has none) and 32 "size" labels
     mid = torch.load(tmp_path / "multitask" / "ckpt" / "epoch=0-step=2.ckpt", map_location="cpu", weights_only=True)
-    assert mid["multitask_epoch_sums"][:, 1].tolist() == [16.0, 32.0]
+    sums = mid["epoch_mean_sums"]
+    assert [float(sums[f"train/{task}/loss_epoch"][1]) for task in ("kind", "size")] == [16.0, 32.0]
 
 
 def test_train_py_under_torchrun_ends_with_the_same_weights_on_both_ranks(tmp_path: Path) -> None:

@@ -216,9 +216,9 @@ def test_invalid_configurations_fail_at_construction(kwargs: dict[str, Any], mes
 
 
 class TaskData(pl.LightningDataModule):
-    def __init__(self, tasks: list[dict[str, Any]], num_features: int = IN_FEATURES) -> None:
+    def __init__(self, tasks: list[dict[str, Any]], in_features: int = IN_FEATURES) -> None:
         super().__init__()
-        self.tasks, self.num_features = tasks, num_features
+        self.tasks, self.in_features = tasks, in_features
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(samples(16), batch_size=8)

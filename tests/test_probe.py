@@ -226,7 +226,7 @@ def test_without_feature_caching_the_backbone_runs_every_epoch(tiny_hf_dir: Path
     assert backbone_calls[0] == 3 * (TRAIN_BATCHES + VAL_BATCHES)
     assert len(model.cache) == 0
     with pytest.raises(ValueError, match="cache_features"):
-        text_probe(tiny_hf_dir, classifier="logistic_regression", cache_features=False)
+        text_probe(tiny_hf_dir, head="logistic_regression", cache_features=False)
 
 
 def test_estimator_is_fitted_once_on_one_backbone_pass(
@@ -240,7 +240,7 @@ def test_estimator_is_fitted_once_on_one_backbone_pass(
         return original(estimator, features, labels)
 
     monkeypatch.setattr(tlmodules.probe, "fit_estimator", counting_fit)
-    model = text_probe(tiny_hf_dir, classifier="logistic_regression")
+    model = text_probe(tiny_hf_dir, head="logistic_regression")
     backbone_calls = count_calls(model.backbone.body)
     trainer = make_trainer(max_epochs=3, num_sanity_val_steps=2)
     trainer.fit(model, datamodule=text_data(sentences, tiny_hf_dir))
@@ -456,7 +456,7 @@ def test_a_damaged_cache_file_is_ignored_and_recomputed(
 # ---------------------------------------------------------------------------------------------
 # 4. every classifier learns an easy task and logs the same metrics
 # ---------------------------------------------------------------------------------------------
-CLASSIFIERS = [  # (classifier, classifier_args, epochs, lr of a trained head)
+CLASSIFIERS = [  # (head, estimator_args, epochs, lr of a trained head)
     ("linear", None, 15, 0.3),
     ("mlp", None, 15, 0.02),
     ("logistic_regression", None, 1, 1e-3),
@@ -473,7 +473,7 @@ def test_every_classifier_beats_chance_logs_the_same_metrics_and_reloads(
 ) -> None:
     from sklearn.metrics import accuracy_score, f1_score
 
-    model = text_probe(tiny_hf_dir, classifier=classifier, classifier_args=args, lr=lr, head_hidden=32)
+    model = text_probe(tiny_hf_dir, head=classifier, estimator_args=args, lr=lr, head_hidden=32)
     data = text_data(sentences, tiny_hf_dir)
     trainer = make_trainer(max_epochs=epochs)
     trainer.fit(model, datamodule=data)
@@ -493,7 +493,7 @@ def test_every_classifier_beats_chance_logs_the_same_metrics_and_reloads(
 
     # and a checkpoint gives the same predictions back
     trainer.save_checkpoint(tmp_path / "probe.ckpt")
-    meta = torch.load(tmp_path / "probe.ckpt", weights_only=True)["tlmodules"]["classifier"]
+    meta = torch.load(tmp_path / "probe.ckpt", weights_only=True)["tlmodules"]["head"]
     kinds = {"linear": "head", "mlp": "head", "rbf_svm": "pickled", "random_forest": "pickled"}
     assert meta["kind"] == kinds.get(classifier, "linear_estimator")  # RidgeClassifier too: its 1-d binary coef_
     if meta["kind"] == "pickled":  # no logger: beside the run is the Trainer's default_root_dir (the cwd here)
@@ -550,7 +550,7 @@ def test_logistic_regression_checkpoint_holds_tensors_only_and_reproduces_the_es
     fitted: list[Any] = []
     original = tlmodules.probe.fit_estimator
     monkeypatch.setattr(tlmodules.probe, "fit_estimator", lambda *a: fitted.append(original(*a)) or fitted[-1])
-    model = text_probe(tiny_hf_dir, classifier="logistic_regression")
+    model = text_probe(tiny_hf_dir, head="logistic_regression")
     data = text_data(sentences, tiny_hf_dir)
     trainer = make_trainer(default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
@@ -558,7 +558,7 @@ def test_logistic_regression_checkpoint_holds_tensors_only_and_reproduces_the_es
     trainer.save_checkpoint(path)
 
     saved = torch.load(path, weights_only=True)  # no scikit-learn object inside
-    assert saved["tlmodules"]["classifier"] == {
+    assert saved["tlmodules"]["head"] == {
         "name": "logistic_regression",
         "kind": "linear_estimator",
         "fitted": True,
@@ -577,7 +577,7 @@ def test_logistic_regression_checkpoint_holds_tensors_only_and_reproduces_the_es
 def test_random_forest_is_pickled_beside_the_run_and_loads_only_when_trusted(
     tiny_hf_dir: Path, sentences: Path, tmp_path: Path
 ) -> None:
-    model = text_probe(tiny_hf_dir, classifier="random_forest", classifier_args={"n_estimators": 20})
+    model = text_probe(tiny_hf_dir, head="random_forest", estimator_args={"n_estimators": 20})
     data = text_data(sentences, tiny_hf_dir)
     logger = TensorBoardLogger(tmp_path, name="forest")
     trainer = make_trainer(logger=logger, default_root_dir=tmp_path)
@@ -587,7 +587,7 @@ def test_random_forest_is_pickled_beside_the_run_and_loads_only_when_trusted(
 
     pickles = list((Path(logger.log_dir) / "estimators").glob("*.pkl"))
     assert len(pickles) == 1
-    meta = torch.load(path, weights_only=True)["tlmodules"]["classifier"]
+    meta = torch.load(path, weights_only=True)["tlmodules"]["head"]
     assert meta["kind"] == "pickled" and meta["fitted"] is True
     assert Path(meta["path"]) == pickles[0].resolve()
     assert meta["sha256"] == hashlib.sha256(pickles[0].read_bytes()).hexdigest()
@@ -686,7 +686,7 @@ def independent_entity_scores(model: FeatureProbeModule, data: ConllDataModule) 
 def test_token_level_probe_tags_entities_with_one_backbone_pass(
     classifier: str, epochs: int, lr: float, conll_files: tuple[Path, Path], tiny_hf_dir: Path
 ) -> None:
-    model = text_probe(tiny_hf_dir, level="token", classifier=classifier, lr=lr)
+    model = text_probe(tiny_hf_dir, level="token", head=classifier, lr=lr)
     data = conll_data(conll_files, tiny_hf_dir)
     model.size_classifier(3)
     backbone_calls = count_calls(model.backbone.body)
@@ -771,7 +771,7 @@ def test_predict_writes_embeddings_or_probabilities(
 def test_validation_features_go_to_the_projector_labelled_by_class(
     tiny_hf_dir: Path, sentences: Path, tmp_path: Path
 ) -> None:
-    model = text_probe(tiny_hf_dir, lr=0.05, projector_samples=50)
+    model = text_probe(tiny_hf_dir, lr=0.05, projection_samples=50)
     data = text_data(sentences, tiny_hf_dir)
     logger = TensorBoardLogger(tmp_path, name="probe")
     make_trainer(max_epochs=2, logger=logger).fit(model, datamodule=data)
@@ -807,7 +807,7 @@ def test_augmenting_datamodule_is_refused_at_setup(flag: str, make_image_folder:
 
 def test_unknown_classifier_is_refused_at_construction_with_the_names() -> None:
     with pytest.raises(ValueError, match="unknown") as err:
-        FeatureProbeModule(backbone=bn_net(), num_features=8, classifier="linaer")
+        FeatureProbeModule(backbone=bn_net(), num_features=8, head="linaer")
     message = str(err.value)
     for name in ("linear", "mlp", "logistic_regression", "linear_svm", "rbf_svm", "random_forest", "class path"):
         assert name in message, f"{name!r} missing from: {message}"
@@ -837,7 +837,7 @@ def test_normalize_features_feeds_unit_vectors_to_the_classifier(
     seen: list[Tensor] = []
     original = tlmodules.probe.fit_estimator
     monkeypatch.setattr(tlmodules.probe, "fit_estimator", lambda est, x, y: seen.append(x) or original(est, x, y))
-    model = text_probe(tiny_hf_dir, classifier=classifier, normalize_features=True, lr=1e-2)
+    model = text_probe(tiny_hf_dir, head=classifier, normalize_features=True, lr=1e-2)
     data = text_data(sentences, tiny_hf_dir)
     make_trainer(max_epochs=2).fit(model, datamodule=data)
     _, raw = backbone_features(model, data.val_dataloader())

@@ -200,13 +200,13 @@ def test_dann_resumed_mid_epoch_matches_the_uninterrupted_run(method: str, tmp_p
 
     # the test can fail: every part of the network moved after the stop
     at_stop = saved["state_dict"]
-    for part in ("backbone.", "bottleneck.", "head.", "discriminator."):
+    for part in ("backbone.", "bottleneck.", "head.", "alignment.discriminator."):
         moved = max((final_a[k] - at_stop[k]).abs().max().item() for k in final_a if k.startswith(part))
         assert moved > 1e-3, f"{part} did not move after step {STOP}"
 
     # and the resumed run ends with run A's parameters and BatchNorm statistics
     final_b = state(resumed)
-    assert {k.split(".")[0] for k in final_b} >= {"backbone", "bottleneck", "head", "discriminator"}
+    assert {k.split(".")[0] for k in final_b} >= {"backbone", "bottleneck", "head", "alignment"}
     diff = max_abs_diff(final_b, final_a)
     assert diff <= ATOL, f"resumed run differs from the uninterrupted one by {diff}"
 
@@ -214,12 +214,12 @@ def test_dann_resumed_mid_epoch_matches_the_uninterrupted_run(method: str, tmp_p
 # ---------------------------------------------------------------------------------------------
 # feature probe
 # ---------------------------------------------------------------------------------------------
-def make_probe(seed: int, classifier: str = "linear", **kwargs: Any) -> FeatureProbeModule:
+def make_probe(seed: int, head: str = "linear", **kwargs: Any) -> FeatureProbeModule:
     torch.manual_seed(0)  # the frozen backbone: the same "pretrained" weights in every run
     backbone = SmallBackbone()
     torch.manual_seed(seed)  # the head: another initialisation in the resumed module
     return FeatureProbeModule(
-        backbone=backbone, num_classes=NUM_CLASSES, classifier=classifier, lr=0.05, projector_samples=0, **kwargs
+        backbone=backbone, num_classes=NUM_CLASSES, head=head, lr=0.05, projection_samples=0, **kwargs
     )
 
 
@@ -326,12 +326,12 @@ def test_an_estimator_probe_stopped_before_its_fit_refuses_to_resume(tmp_path: P
     written mid-epoch 0 would resume into a fit on the remaining samples only, so loading it is refused
     (before any training batch) with the fix."""
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    make_trainer([StopAt(2), saver]).fit(make_probe(0, classifier="logistic_regression"), **probe_data("memory"))
+    make_trainer([StopAt(2), saver]).fit(make_probe(0, head="logistic_regression"), **probe_data("memory"))
     [ckpt] = sorted(tmp_path.glob("*.ckpt"))
-    assert torch.load(ckpt, weights_only=True)["tlmodules"]["classifier"]["fitted"] is False
+    assert torch.load(ckpt, weights_only=True)["tlmodules"]["head"]["fitted"] is False
 
     recorder = BackboneRecorder()
-    resumed = make_probe(1, classifier="logistic_regression")
+    resumed = make_probe(1, head="logistic_regression")
     with pytest.raises(ValueError, match="before the estimator was fitted.*start the run again without ckpt_path"):
         make_trainer([recorder], enable_checkpointing=False).fit(
             resumed, **probe_data("memory"), ckpt_path=ckpt, weights_only=True

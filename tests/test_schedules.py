@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tlmodules.schedules import STRATEGIES, layer_lr_multipliers, lr_shape, trainable_top_groups
+from tlmodules.schedules import FINETUNE_STRATEGIES, layer_lr_multipliers, lr_shape, trainable_top_groups
 
 # Hand-derived from the docstring of trainable_top_groups, 3 groups, epochs 0..4.
 EXPECTED_TOP_GROUPS = {
@@ -35,8 +35,8 @@ def test_trainable_top_groups_per_strategy(strategy: str, unfreeze_epoch: int) -
 
 
 def test_every_strategy_is_covered_and_default_unfreeze_epoch_is_one() -> None:
-    assert {s for s, _ in EXPECTED_TOP_GROUPS} == set(STRATEGIES)
-    for strategy in STRATEGIES:
+    assert {s for s, _ in EXPECTED_TOP_GROUPS} == set(FINETUNE_STRATEGIES)
+    for strategy in FINETUNE_STRATEGIES:
         assert [trainable_top_groups(strategy, e, 3) for e in range(5)] == EXPECTED_TOP_GROUPS[(strategy, 1)]
 
 
@@ -48,7 +48,7 @@ def test_gradual_never_exceeds_the_number_of_groups() -> None:
 def test_unknown_strategy_raises_listing_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown fine-tuning strategy 'partial'") as err:
         trainable_top_groups("partial", 0, 3)
-    for name in STRATEGIES:
+    for name in FINETUNE_STRATEGIES:
         assert name in str(err.value)
 
 

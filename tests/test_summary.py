@@ -39,7 +39,7 @@ def test_summary_file_holds_the_method_steps_and_final_validation_metrics(tmp_pa
     log_dir, trainer = fit_tiny(tmp_path, adversarial=True)
     summary = json.loads((log_dir / SUMMARY_FILE).read_text())
     assert summary["module"] == "DANNModule"
-    assert summary["hparams"] == {"method": "dann"}
+    assert summary["hparams"] == {"method": "dann", "head": "linear"}  # describe() first, then strategy and head
     assert summary["steps"] == 4
     assert list(summary["metrics"]) == ["val/source/acc", "val/target/acc", "val/target/im_score"]
     for name, value in summary["metrics"].items():

@@ -5,23 +5,24 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from tlmodules.backbones import Backbone, origin_dict
-from tlmodules.base import OptimizerName, ParamGroup, TransferModule, classification_metrics, unpack_batch
+from tlmodules.alignment import ConditionalDomainAdversarialLoss, DomainAdversarialLoss
+from tlmodules.backbones import Backbone, build_backbone
+from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
+from tlmodules.classification import ClassificationMixin, classification_metrics
 from tlmodules.errors import ConfigError
-from tlmodules.grl import grad_reverse
-from tlmodules.heads import ClassificationHead, DomainDiscriminator
-from tlmodules.information import InformationMaximization, entropy
+from tlmodules.heads import ClassificationHead, DomainDiscriminator, HeadKind, build_head, check_head
+from tlmodules.information import InformationMaximization
+from tlmodules.labels import IGNORE_INDEX
 from tlmodules.projection import log_domain_projection
 from tlmodules.schedules import LRSchedule, dann_lambda
 
 DOMAINS = ("source", "target")
 
 
-class DANNModule(TransferModule):
+class DANNModule(ClassificationMixin, TransferModule):
     """DANN (Ganin et al., "Domain-Adversarial Training of Neural Networks", JMLR 2016) and its
     conditional variant CDAN (Long et al., "Conditional Adversarial Domain Adaptation", NeurIPS 2018).
 
@@ -42,10 +43,13 @@ class DANNModule(TransferModule):
 
     Args:
         bottleneck: width of a ``Linear → BatchNorm → ReLU`` layer after the backbone (0: none).
-        head_hidden: hidden units of the label classifier (0: linear).
+        head, head_hidden, dropout: the label classifier on the features, ``linear`` or ``mlp`` of ``head_hidden``
+            units, with ``dropout``.
         discriminator_hidden, discriminator_layers: width and number of the discriminator's hidden layers
             (``Linear → BatchNorm → ReLU`` each). 2 × 1024 is Transfer-Learning-Library's (1.3 M parameters
-            on a 256-wide bottleneck); the digits benchmark uses 2 × 256 (0.13 M), DANN's MNIST network 1 × 100.
+            on a 256-wide bottleneck); DANN's MNIST network has 1 × 100. The adversarial loss itself is
+            :class:`tlmodules.alignment.DomainAdversarialLoss` or
+            :class:`tlmodules.alignment.ConditionalDomainAdversarialLoss` (``method``, ``entropy_conditioning``).
         joint_batch: source and target go through the backbone as one batch (shared BatchNorm
             statistics); ``False`` runs them separately (per-domain batch statistics).
         backbone_lr_ratio: the backbone's learning rate relative to the new layers'.
@@ -67,7 +71,8 @@ class DANNModule(TransferModule):
         lambda_max: float = 1.0,
         gamma: float = 10.0,
         bottleneck: int = 0,
-        head_hidden: int = 0,
+        head: HeadKind = "linear",
+        head_hidden: int = 256,
         dropout: float = 0.0,
         discriminator_hidden: int = 1024,
         discriminator_layers: int = 2,
@@ -89,6 +94,7 @@ class DANNModule(TransferModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        check_head(head, head_hidden)  # an unknown head or a zero-width MLP fails now, not at setup
         if method not in ("dann", "cdan"):
             raise ConfigError(f"unknown method {method!r}; choose dann or cdan")
         if lr <= 0 or lambda_max < 0:
@@ -98,7 +104,14 @@ class DANNModule(TransferModule):
                 f"the discriminator needs discriminator_layers >= 1 and discriminator_hidden >= 1, got "
                 f"{discriminator_layers} and {discriminator_hidden}"
             )
-        self.backbone: Backbone = self.backbone_from_hparams(backbone)
+        self.backbone: Backbone = build_backbone(
+            backbone,
+            weights=weights,
+            pooling=pooling,
+            trust_remote_code=trust_remote_code,
+            num_features=num_features,
+            pretrained=pretrained,
+        )
         width = self.backbone.num_features
         if bottleneck > 0:
             self.bottleneck: nn.Module = nn.Sequential(
@@ -109,7 +122,7 @@ class DANNModule(TransferModule):
             self.bottleneck = nn.Identity()
         self.feature_width = width
         self.head: ClassificationHead | None = None
-        self.discriminator: DomainDiscriminator | None = None
+        self.alignment: DomainAdversarialLoss | ConditionalDomainAdversarialLoss | None = None
         self._projection: dict[str, list[tuple[Tensor, Tensor]]] = {}
         if num_classes is not None:
             self.size_classifier(num_classes)
@@ -117,10 +130,14 @@ class DANNModule(TransferModule):
     # -- construction -----------------------------------------------------------------------------
     def build_classifier(self, num_classes: int) -> None:
         hp = self.hparams
-        self.head = ClassificationHead(self.feature_width, num_classes, hp.head_hidden, hp.dropout)
+        self.head = build_head(hp.head, self.feature_width, num_classes, hp.head_hidden, hp.dropout)
         if hp.adversarial:
             width = self.feature_width * (num_classes if hp.method == "cdan" else 1)
-            self.discriminator = DomainDiscriminator(width, hp.discriminator_hidden, layers=hp.discriminator_layers)
+            disc = DomainDiscriminator(width, hp.discriminator_hidden, layers=hp.discriminator_layers)
+            if hp.method == "cdan":
+                self.alignment = ConditionalDomainAdversarialLoss(disc, entropy_conditioning=hp.entropy_conditioning)
+            else:
+                self.alignment = DomainAdversarialLoss(disc)
         self.domain_metrics = nn.ModuleDict(
             {
                 f"{stage}_{domain}": classification_metrics(num_classes, f"{stage}/{domain}/")
@@ -166,41 +183,10 @@ class DANNModule(TransferModule):
         progress = self.training_progress(self.global_step)
         return dann_lambda(progress, self.hparams.lambda_max, self.hparams.gamma)
 
-    def domain_loss(
-        self, feats_s: Tensor, feats_t: Tensor, logits_s: Tensor, logits_t: Tensor, coefficient: float
-    ) -> tuple[Tensor, Tensor]:
-        """Discriminator loss through the gradient reversal layer, and the discriminator's accuracy.
-
-        DANN: the discriminator sees ``f`` ``(B, W)``; CDAN: ``f ⊗ p`` flattened ``(B, W·C)`` with
-        ``p = softmax(logits)`` detached, and CDAN+E weights samples by ``1 + exp(-H(p))``.
-        """
-        hp = self.hparams
-        inputs_s, inputs_t = feats_s, feats_t
-        weights_s = weights_t = None
-        if hp.method == "cdan":
-            probs_s, probs_t = logits_s.detach().float().softmax(-1), logits_t.detach().float().softmax(-1)
-            inputs_s = torch.bmm(probs_s.unsqueeze(2), feats_s.float().unsqueeze(1)).flatten(1)
-            inputs_t = torch.bmm(probs_t.unsqueeze(2), feats_t.float().unsqueeze(1)).flatten(1)
-            if hp.entropy_conditioning:
-                weights_s = 1.0 + torch.exp(-entropy(probs_s))
-                weights_t = 1.0 + torch.exp(-entropy(probs_t))
-                weights_s, weights_t = weights_s / weights_s.sum(), weights_t / weights_t.sum()
-        # one batch of both domains, as in Transfer-Learning-Library: the discriminator's BatchNorm must not
-        # normalise each domain on its own (that erases a shift between them after the first layer)
-        d = self.discriminator(grad_reverse(torch.cat([inputs_s, inputs_t]), coefficient)).float()
-        d_s, d_t = d[: len(inputs_s)], d[len(inputs_s) :]
-        ones, zeros = torch.ones_like(d_s), torch.zeros_like(d_t)
-        if weights_s is None:
-            loss = 0.5 * (
-                F.binary_cross_entropy_with_logits(d_s, ones) + F.binary_cross_entropy_with_logits(d_t, zeros)
-            )
-        else:
-            loss = 0.5 * (
-                (F.binary_cross_entropy_with_logits(d_s, ones, reduction="none") * weights_s).sum()
-                + (F.binary_cross_entropy_with_logits(d_t, zeros, reduction="none") * weights_t).sum()
-            )
-        accuracy = 0.5 * ((d_s > 0).float().mean() + (d_t <= 0).float().mean())
-        return loss, accuracy
+    @property
+    def discriminator(self) -> nn.Module | None:
+        """The domain discriminator of :attr:`alignment` (``None`` for the source-only baseline); read-only."""
+        return None if self.alignment is None else self.alignment.discriminator
 
     # -- optimisation -----------------------------------------------------------------------------
     def parameter_groups(self) -> list[ParamGroup]:
@@ -221,7 +207,7 @@ class DANNModule(TransferModule):
             )
         inputs_s, labels_s = unpack_batch(batch["source"])
         inputs_t, _ = unpack_batch(batch["target"])
-        if self.discriminator is not None or self.hparams.target_statistics:
+        if self.alignment is not None or self.hparams.target_statistics:
             feats_s, feats_t = self._domain_features(inputs_s, inputs_t)
         else:  # source-only without target statistics: the target batch plays no part at all
             feats_s, feats_t = self.features(inputs_s), None
@@ -231,10 +217,12 @@ class DANNModule(TransferModule):
         self.log("train/source/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         accuracy = (logits_s.argmax(-1) == labels_s).float().mean()
         self.accumulate_epoch_mean("train/source/acc", accuracy, batch_size)
-        if self.discriminator is not None:
+        if self.alignment is not None:
             coefficient = self.adaptation_weight()
-            logits_t = self.head(feats_t) if self.hparams.method == "cdan" else feats_t.new_empty(0)
-            domain_loss, domain_acc = self.domain_loss(feats_s, feats_t, logits_s, logits_t, coefficient)
+            if isinstance(self.alignment, ConditionalDomainAdversarialLoss):
+                domain_loss, domain_acc = self.alignment(feats_s, feats_t, logits_s, self.head(feats_t), coefficient)
+            else:
+                domain_loss, domain_acc = self.alignment(feats_s, feats_t, coefficient)
             loss = loss + domain_loss
             self.log("train/domain/loss", domain_loss, on_step=True, on_epoch=True, batch_size=batch_size)
             self.accumulate_epoch_mean("train/domain/acc", domain_acc, batch_size)
@@ -255,7 +243,7 @@ class DANNModule(TransferModule):
         logits = self.head(feats)
         if domain == "target":
             self.target_information[stage].update(logits)
-        labelled = labels is not None and bool((labels >= 0).all())
+        labelled = labels is not None and bool((labels != IGNORE_INDEX).all())
         if labelled:
             key = f"{stage}_{domain}"
             if key in self.domain_metrics:
@@ -266,7 +254,7 @@ class DANNModule(TransferModule):
             kept = self._projection.setdefault(domain, [])
             room = self.hparams.projection_samples - sum(len(f) for f, _ in kept)
             if room > 0:  # at most projection_samples per domain
-                marks = labels if labels is not None else torch.full((len(feats),), -1, device=feats.device)
+                marks = labels if labels is not None else torch.full((len(feats),), IGNORE_INDEX, device=feats.device)
                 kept.append((feats[:room].detach().float().cpu(), marks[:room].detach().cpu()))
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -310,7 +298,3 @@ class DANNModule(TransferModule):
         inputs, _ = unpack_batch(batch)
         probs = self(inputs).float().softmax(-1)
         return {"index": self.prediction_index(batch, len(probs), dataloader_idx), "probs": probs}
-
-    # -- checkpoints ------------------------------------------------------------------------------
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return {**super().checkpoint_meta(), "backbone": origin_dict(self.backbone)}

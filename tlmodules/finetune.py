@@ -7,14 +7,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tlmodules.backbones import Backbone, TransformerBackbone, origin_dict
+from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
+from tlmodules.classification import ClassificationMixin
 from tlmodules.errors import ConfigError
 from tlmodules.freezing import LateParameterSync, eval_frozen_submodules
-from tlmodules.heads import ClassificationHead
+from tlmodules.heads import ClassificationHead, HeadKind, build_head, check_head
 from tlmodules.regularizers import L2SP
 from tlmodules.schedules import (
-    STRATEGIES,
+    FINETUNE_STRATEGIES,
     FinetuneStrategy,
     LRSchedule,
     layer_lr_multipliers,
@@ -22,7 +23,7 @@ from tlmodules.schedules import (
 )
 
 
-class FineTuneModule(TransferModule):
+class FineTuneModule(ClassificationMixin, TransferModule):
     """A pretrained backbone with a new head, trained under a freezing strategy.
 
     Strategies (see :func:`tlmodules.schedules.trainable_top_groups`): ``full``, ``freeze``
@@ -52,7 +53,7 @@ class FineTuneModule(TransferModule):
         weights: str | None = "DEFAULT",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
-        head: Literal["linear", "mlp"] = "linear",
+        head: HeadKind = "linear",
         head_hidden: int = 256,
         dropout: float = 0.0,
         strategy: FinetuneStrategy = "full",
@@ -79,13 +80,21 @@ class FineTuneModule(TransferModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if strategy not in FINETUNE_STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(FINETUNE_STRATEGIES)}")
         if unfreeze_epoch < 0:
             raise ConfigError(f"unfreeze_epoch must be >= 0, got {unfreeze_epoch}")
         if lr <= 0 or backbone_lr_ratio < 0:
             raise ConfigError(f"lr must be positive and backbone_lr_ratio >= 0, got {lr} and {backbone_lr_ratio}")
-        self.backbone: Backbone = self.backbone_from_hparams(backbone)
+        check_head(head, head_hidden)  # an unknown head or a zero-width MLP fails now, not at setup
+        self.backbone: Backbone = build_backbone(
+            backbone,
+            weights=weights,
+            pooling=pooling,
+            trust_remote_code=trust_remote_code,
+            num_features=num_features,
+            pretrained=pretrained,
+        )
         if lora_rank > 0:
             if not isinstance(self.backbone, TransformerBackbone):
                 raise ConfigError("LoRA (lora_rank > 0) is offered for transformer backbones (hf:/pkg: specs)")
@@ -105,8 +114,7 @@ class FineTuneModule(TransferModule):
     # -- construction -----------------------------------------------------------------------------
     def build_classifier(self, num_classes: int) -> None:
         hp = self.hparams
-        hidden = hp.head_hidden if hp.head == "mlp" else 0
-        self.head = ClassificationHead(self.backbone.num_features, num_classes, hidden, hp.dropout)
+        self.head = build_head(hp.head, self.backbone.num_features, num_classes, hp.head_hidden, hp.dropout)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FineTuneModule:
@@ -190,7 +198,7 @@ class FineTuneModule(TransferModule):
     # -- steps ------------------------------------------------------------------------------------
     def forward(self, inputs: Any) -> Tensor:
         """Inputs (images ``(B, C, H, W)`` or a tokenizer batch) → logits ``(B, num_classes)``."""
-        return self.head(self.backbone(inputs))
+        return self.head(self.features(inputs))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, labels = unpack_batch(batch)
@@ -223,7 +231,6 @@ class FineTuneModule(TransferModule):
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
             **super().checkpoint_meta(),
-            "backbone": origin_dict(self.backbone),
             "trainable_epoch": self._trainable_epoch,
             "trainable_top_groups": self.trainable_top_groups(self._trainable_epoch),
         }

@@ -19,16 +19,9 @@ parameters without a gradient, weight decay included.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-def set_requires_grad(params: Iterable[nn.Parameter], flag: bool) -> None:
-    for p in params:
-        p.requires_grad_(flag)
 
 
 def eval_frozen_submodules(module: nn.Module) -> None:

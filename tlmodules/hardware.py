@@ -1,9 +1,8 @@
 """What the hardware does fast: a warning where ``bf16`` precision would slow a run down instead of speeding it up.
 
 bf16 autocast pays on CPUs with bf16 matrix instructions (x86 AVX512-BF16 or AMX; torch reports them through
-``torch.cpu``). Without them, as on AVX2-only CPUs, torch converts and multiplies in software: on the AVX2 machine
-of ``bench/speed.py`` a 512 × 512 product took 3.3 ms in float32 and 208 ms in bf16, and a MiniLM training step
-24 s under ``bf16-mixed`` against 1.6 s in float32.
+``torch.cpu``). Without them, as on AVX2-only CPUs, torch converts and multiplies in software, many times slower
+than float32 (bench/README.md, "Speed", has the measured figures).
 """
 
 from __future__ import annotations

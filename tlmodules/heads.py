@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
 from tlmodules.errors import ConfigError
+
+HeadKind = Literal["linear", "mlp"]
+HEAD_KINDS: tuple[str, ...] = ("linear", "mlp")
+
+
+def check_head(head: str, hidden: int) -> None:
+    """A clear error for an unknown ``head`` or an ``mlp`` without hidden units (builds nothing, so a module
+    can check its arguments in its constructor without drawing random numbers)."""
+    if head not in HEAD_KINDS:
+        raise ConfigError(f"unknown head {head!r}; choose one of {', '.join(HEAD_KINDS)}")
+    if head == "mlp" and hidden < 1:
+        raise ConfigError(f"head='mlp' needs head_hidden >= 1, got {hidden}")
+
+
+def build_head(head: str, in_features: int, num_outputs: int, hidden: int, dropout: float) -> ClassificationHead:
+    """The head every technique puts on its features: ``linear``, or ``mlp`` with one hidden layer of
+    ``hidden`` units; ``dropout`` before each linear layer. ``(B, in_features)`` → ``(B, num_outputs)``."""
+    check_head(head, hidden)
+    return ClassificationHead(in_features, num_outputs, hidden if head == "mlp" else 0, dropout)
 
 
 class ClassificationHead(nn.Module):

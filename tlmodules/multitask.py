@@ -18,20 +18,20 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from tlmodules.backbones import Backbone, origin_dict
+from tlmodules.backbones import Backbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule
 from tlmodules.errors import ConfigError
-from tlmodules.heads import ClassificationHead
+from tlmodules.heads import HeadKind, build_head, check_head
+from tlmodules.labels import IGNORE_INDEX
 from tlmodules.nets import MLPFeatures
 from tlmodules.schedules import LRSchedule
-from tlmodules.weighting import STRATEGIES, LossWeighting, build_weighting
+from tlmodules.weighting import WEIGHTINGS, LossWeighting, build_weighting
 
 TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
-IGNORE_INDEX = -100
 
 
 def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Validate task dicts ``{"name", "kind", "num_outputs", ["weight"], ["head_hidden"], ["class_names"],
+    """Validate task dicts ``{"name", "kind", "num_outputs", ["weight"], ["head"], ["head_hidden"], ["class_names"],
     ["target_mean"], ["target_std"]}``."""
     if not tasks:
         raise ConfigError("tasks is empty: give at least one {name, kind, num_outputs} (the datamodule's 'tasks')")
@@ -92,11 +92,13 @@ class MultiTaskModule(TransferModule):
     binary cross-entropy averaged over samples and labels; its labels are ``(B, K_t)`` 0/1 floats.
 
     Batches are ``{"inputs": ..., "labels": {task: tensor}}``. **Partial labels**: a missing label is
-    ``-100`` (multiclass) or NaN (binary, regression; a row of NaN for multilabel); such samples add nothing
-    to that task's loss or metrics, and a task with no label in a batch has no loss there (the weighting skips
-    it) while its head still takes part in the graph with a zero gradient, so DDP sees every parameter used.
+    :data:`~tlmodules.labels.IGNORE_INDEX` (multiclass) or NaN (binary, regression; a row of NaN for
+    multilabel); such samples add nothing to that task's loss or metrics, and a task with no label in a batch
+    has no loss there (the weighting skips it) while its head still takes part in the graph with a zero
+    gradient, so DDP sees every parameter used.
 
-    Logged: ``train/loss``, ``train/<task>/loss`` every step, ``train/weight/<task>`` every logged step (and what the
+    Logged: ``train/loss``, ``train/<task>/loss_step`` every step and ``train/<task>/loss_epoch`` (the mean over
+    the epoch's labelled samples), ``train/weight/<task>`` every logged step (and what the
     weighting adds, e.g. ``train/log_var/<task>``); ``<stage>/<task>/<metric>`` (acc, f1_macro; mae,
     rmse, r2) and ``<stage>/score``, the mean over tasks of accuracy (classification) and R²
     (regression), which is also ``hp_metric``.
@@ -104,31 +106,29 @@ class MultiTaskModule(TransferModule):
     Args:
         backbone: a backbone spec (see :mod:`tlmodules.backbones`), a module, or ``"mlp"``: an MLP trunk
             (``trunk_hidden`` × ``trunk_depth``) for numeric feature vectors of ``in_features`` columns.
-        tasks: task dicts ``{"name", "kind", "num_outputs", "weight"?, "head_hidden"?, "class_names"?,
+        tasks: task dicts ``{"name", "kind", "num_outputs", "weight"?, "head"?, "head_hidden"?, "class_names"?,
             "target_mean"?, "target_std"?}``
             (``MultiTaskDataModule.tasks`` has this form). Left out, the model takes the datamodule's
-            ``tasks`` and ``num_features`` in ``setup`` (how the CLI builds it).
+            ``tasks`` and ``in_features`` in ``setup`` (how the CLI builds it).
         weighting: ``equal``, ``static`` (each task's ``weight``, default 1), ``uncertainty`` (Kendall et al.
             2018), ``dwa`` (Liu et al. 2019) or ``rlw`` (Lin et al. 2022); ``weighting_args`` go to it.
-        head_hidden: hidden units of every head without its own ``head_hidden`` (0: linear).
+        head, head_hidden, dropout: every task's head, ``linear`` or ``mlp`` of ``head_hidden`` units (a task dict's
+            own ``head`` / ``head_hidden`` win), and the dropout of heads and the ``mlp`` trunk.
     """
 
     def __init__(
         self,
         backbone: str | nn.Module = "mlp",
+        weights: str | None = "DEFAULT",
         tasks: list[dict[str, Any]] | None = None,
         weighting: Literal["equal", "static", "uncertainty", "dwa", "rlw"] = "equal",
         weighting_args: dict[str, Any] | None = None,
         in_features: int | None = None,
         trunk_hidden: int = 64,
         trunk_depth: int = 2,
-        head_hidden: int = 0,
+        head: HeadKind = "linear",
+        head_hidden: int = 256,
         dropout: float = 0.0,
-        weights: str | None = "DEFAULT",
-        pooling: Literal["mean", "cls", "max"] = "mean",
-        trust_remote_code: bool = False,
-        num_features: int | None = None,
-        pretrained: bool = True,
         lr: float = 1e-3,
         backbone_lr_ratio: float = 1.0,
         weight_decay: float = 0.01,
@@ -136,16 +136,20 @@ class MultiTaskModule(TransferModule):
         momentum: float = 0.9,
         lr_schedule: LRSchedule = "cosine",
         warmup_fraction: float = 0.0,
+        pooling: Literal["mean", "cls", "max"] = "mean",
+        trust_remote_code: bool = False,
+        num_features: int | None = None,
+        pretrained: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        if weighting not in STRATEGIES:
-            raise ConfigError(f"unknown loss weighting {weighting!r}; accepted names: {list(STRATEGIES)!r}")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown loss weighting {weighting!r}; accepted names: {list(WEIGHTINGS)!r}")
+        check_head(head, head_hidden)  # an unknown head or a zero-width MLP fails now
         object.__setattr__(self, "_backbone_spec", backbone)  # a module given here is registered once built
         self.tasks: list[dict[str, Any]] = []
         if tasks is not None:
             self.build(tasks, in_features)
-        self._epoch_sums: dict[str, Tensor] = {}  # task → [loss × samples, samples] of the running epoch
 
     # -- construction ------------------------------------------------------------------------------
     @property
@@ -154,7 +158,7 @@ class MultiTaskModule(TransferModule):
 
     def build(self, tasks: Sequence[Mapping[str, Any]], in_features: int | None) -> None:
         """Create trunk, heads, weighting and metrics for ``tasks`` (at construction when they are given,
-        else in :meth:`setup` from the datamodule's ``tasks`` and ``num_features``)."""
+        else in :meth:`setup` from the datamodule's ``tasks`` and ``in_features``)."""
         hp = self.hparams
         self.tasks = check_tasks(tasks)
         self.task_names = [t["name"] for t in self.tasks]
@@ -164,11 +168,20 @@ class MultiTaskModule(TransferModule):
             if not in_features:
                 raise ConfigError("backbone 'mlp' needs in_features (the number of numeric input columns)")
             backbone = MLPFeatures(in_features, hp.trunk_hidden, hp.trunk_depth, hp.dropout)
-        self.backbone: Backbone = self.backbone_from_hparams(backbone)
+        self.backbone: Backbone = build_backbone(
+            backbone,
+            weights=hp.weights,
+            pooling=hp.pooling,
+            trust_remote_code=hp.trust_remote_code,
+            num_features=hp.num_features,
+            pretrained=hp.pretrained,
+        )
         width = self.backbone.num_features
         self.heads = nn.ModuleDict(
             {
-                t["name"]: ClassificationHead(width, t["num_outputs"], t.get("head_hidden", hp.head_hidden), hp.dropout)
+                t["name"]: build_head(
+                    t.get("head", hp.head), width, t["num_outputs"], t.get("head_hidden", hp.head_hidden), hp.dropout
+                )
                 for t in self.tasks
             }
         )
@@ -197,7 +210,7 @@ class MultiTaskModule(TransferModule):
                     "MultiTaskModule has no tasks: pass tasks=[...] or train with a MultiTaskDataModule, "
                     "whose task list (and numeric input width) the model takes"
                 )
-            self.build(data_tasks, self.hparams.in_features or getattr(datamodule, "num_features", None))
+            self.build(data_tasks, self.hparams.in_features or getattr(datamodule, "in_features", None))
         elif data_tasks:
             theirs = [(t["name"], t["kind"], t["num_outputs"]) for t in check_tasks(data_tasks)]
             mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
@@ -207,7 +220,7 @@ class MultiTaskModule(TransferModule):
     # -- forward and losses ------------------------------------------------------------------------
     def forward(self, inputs: Any) -> dict[str, Tensor]:
         """Inputs → ``{task: outputs}`` (logits or values, shapes in the class docstring)."""
-        features = self.backbone(inputs)
+        features = self.features(inputs)
         outputs = {}
         for task in self.tasks:
             out = self.heads[task["name"]](features)
@@ -241,9 +254,9 @@ class MultiTaskModule(TransferModule):
         """The task's mean loss over its labelled samples (``mask``, else :meth:`labelled`); ``None`` when the
         batch has none."""
         mask = self.labelled(task, labels) if mask is None else mask
-        if not bool(mask.any()):
-            return None
-        output, labels = output[mask].float(), labels[mask]
+        return self._labelled_loss(task, output[mask].float(), labels[mask]) if bool(mask.any()) else None
+
+    def _labelled_loss(self, task: Mapping[str, Any], output: Tensor, labels: Tensor) -> Tensor:
         if task["kind"] == "multiclass":
             return F.cross_entropy(output, labels.long())
         if task["kind"] in ("binary", "multilabel"):  # multilabel: the mean over samples and labels
@@ -255,7 +268,7 @@ class MultiTaskModule(TransferModule):
     def parameter_groups(self) -> list[ParamGroup]:
         groups = [
             ParamGroup("backbone", list(self.backbone.parameters()), self.hparams.backbone_lr_ratio),
-            ParamGroup("heads", list(self.heads.parameters()), 1.0),
+            ParamGroup("head", list(self.heads.parameters()), 1.0),
         ]
         extra = list(self.weighting.parameters())
         if extra:  # uncertainty weighting's log-variances, trained by the same optimizer
@@ -277,28 +290,24 @@ class MultiTaskModule(TransferModule):
         total = total + 0.0 * anchor
         batch_size = len(next(iter(labels.values())))
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        for name, loss in losses.items():
+        for task in self.tasks:
+            name, loss = task["name"], losses[task["name"]]
             if loss is not None:
-                self.log(f"train/{name}/loss", loss, on_step=True, on_epoch=True, batch_size=batch_size)
-                count = masks[name].sum()
-                running = self._epoch_sums.get(name, torch.zeros(2, dtype=torch.float64)).to(loss.device)
-                self._epoch_sums[name] = running + torch.stack([loss.detach().double() * count, count.double()])
+                self.log(f"train/{name}/loss_step", loss, on_step=True, on_epoch=False, batch_size=batch_size)
+            # every task, every step (weight 0 without labels), so that every process reduces the same names
+            value = loss if loss is not None else total.new_zeros(())
+            self.accumulate_epoch_mean(f"train/{name}/loss_epoch", value, masks[name].sum())
         if self.logging_step():  # per-step values: only on the steps the logger writes
             self.log_dict({f"train/{k}": v for k, v in logged.items()}, on_step=True, on_epoch=False)
         self.log_learning_rates()
         return total
 
-    def epoch_sums(self) -> Tensor:
-        """This process's running ``[loss × samples, samples]`` per task in the current epoch, ``(T, 2)`` float64."""
-        empty = torch.zeros(2, dtype=torch.float64, device=self.device)
-        return torch.stack([self._epoch_sums.get(n, empty).to(self.device) for n in self.task_names])
-
-    def on_train_epoch_end(self) -> None:
-        """Each task's mean training loss of the epoch, summed over processes, to the weighting (DWA)."""
-        sums = self.trainer.strategy.reduce(self.epoch_sums(), reduce_op="sum")
-        means = {n: float(s / c) for n, (s, c) in zip(self.task_names, sums.tolist()) if c > 0}
-        self.weighting.end_epoch(means)
-        self._epoch_sums = {}
+    def on_train_epoch_means(self, means: dict[str, Tensor]) -> None:
+        """Each task's mean training loss of the epoch (every process's labelled samples) to the weighting (DWA)."""
+        epoch_losses = {
+            n: float(means[f"train/{n}/loss_epoch"]) for n in self.task_names if f"train/{n}/loss_epoch" in means
+        }
+        self.weighting.end_epoch(epoch_losses)
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
         outputs = self(batch["inputs"])
@@ -357,44 +366,18 @@ class MultiTaskModule(TransferModule):
             )
         return result
 
-    # -- no single label space ---------------------------------------------------------------------
-    def on_validation_start(self) -> None:
-        return None
-
-    def on_test_start(self) -> None:
-        return None
-
-    def on_predict_start(self) -> None:
-        return None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also the running epoch's per-task loss sums, summed over processes (every rank runs this hook), so a
-        run resumed mid-epoch gives DWA the same epoch means as the uninterrupted run."""
-        super().on_save_checkpoint(checkpoint)
-        sums = self.epoch_sums()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        checkpoint["multitask_epoch_sums"] = sums.cpu()
-
+    # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {
-            "module": type(self).__name__,
-            "num_classes": None,
-            "tasks": self.tasks,
-            "backbone": origin_dict(self.backbone),
-        }
+        return {**super().checkpoint_meta(), "tasks": self.tasks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_checkpoint_meta(checkpoint)
+        """Refuse another task list; the trained heads' target scaling wins over the statistics of whatever data
+        built this model."""
+        super().on_load_checkpoint(checkpoint)
         saved = [(t["name"], t["kind"], t["num_outputs"]) for t in checkpoint["tlmodules"].get("tasks", [])]
         mine = [(t["name"], t["kind"], t["num_outputs"]) for t in self.tasks]
         if saved != mine:
             raise ConfigError(f"the checkpoint's tasks {saved} differ from this model's {mine}; use the same task list")
-        sums = checkpoint.get("multitask_epoch_sums")
-        if sums is not None:  # each process takes an equal share: the epoch-end sum over processes restores it
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self._epoch_sums = {n: row / world for n, row in zip(self.task_names, sums) if row[1] > 0}
-        # the trained heads' target scaling wins over the statistics of whatever data built this model
         for task, saved_task in zip(self.tasks, checkpoint["tlmodules"]["tasks"]):
             for key in ("target_mean", "target_std"):
                 if key in saved_task:

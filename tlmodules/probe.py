@@ -9,8 +9,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tlmodules.backbones import Backbone, TransformerBackbone, origin_dict
+from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
+from tlmodules.classification import ClassificationMixin
 from tlmodules.entities import EntityF1
 from tlmodules.errors import ConfigError
 from tlmodules.estimators import (
@@ -24,13 +25,12 @@ from tlmodules.estimators import (
     save_pickled_estimator,
 )
 from tlmodules.feature_cache import FeatureCache, cache_key, merge_across_processes, tensor_digest
-from tlmodules.heads import ClassificationHead
+from tlmodules.heads import HEAD_KINDS, ClassificationHead, build_head, check_head
+from tlmodules.labels import IGNORE_INDEX
 from tlmodules.schedules import LRSchedule
 
-TRAINED_HEADS = ("linear", "mlp")
 
-
-class FeatureProbeModule(TransferModule):
+class FeatureProbeModule(ClassificationMixin, TransferModule):
     """A frozen backbone, its features cached, and a new classifier on top (linear probing and kin).
 
     The backbone stays in eval mode with no gradient. Each sample's features are computed the
@@ -39,17 +39,17 @@ class FeatureProbeModule(TransferModule):
     ``cache_dir`` also keeps them on disk for later runs, keyed by backbone, weights,
     preprocessing and data). Batches without an ``index`` are not cached.
 
-    Classifiers (``classifier``): ``linear`` or ``mlp`` heads trained by the Trainer's optimizer,
-    or a scikit-learn estimator fitted on the cached training features at the end of the first
+    Heads (``head``): ``linear`` or ``mlp`` (``head_hidden`` units, ``dropout``) trained by the Trainer's
+    optimizer, or a scikit-learn estimator fitted on the cached training features at the end of the first
     training epoch — ``logistic_regression``, ``linear_svm``, ``rbf_svm``, ``random_forest`` or any
-    classifier's class path, with ``classifier_args``. A linear estimator is copied into a linear
+    classifier's class path, with ``estimator_args``. A linear estimator is copied into a linear
     head (a checkpoint of tensors only); another estimator is pickled next to the run and loading it
     back needs ``trust_pickled_estimator=True``, because unpickling runs code.
 
     Levels: ``sequence`` (one feature per input; images or pooled text) and ``token`` (one feature
     per word, at the first sub-token, for tagging such as named entities; batches carry per-token
-    ``labels`` ``(B, T)`` with ``-100`` where no word starts), with entity-level precision, recall
-    and F1 next to token accuracy.
+    ``labels`` ``(B, T)``, :data:`~tlmodules.labels.IGNORE_INDEX` where no word starts, and
+    ``word_starts`` ``(B, T)`` bool), with entity-level precision, recall and F1 next to token accuracy.
 
     ``predict`` returns class probabilities or, with ``predict_output="embeddings"``, the features; at token
     level one per word, which :class:`tlmodules.predictions.PredictionWriter` writes one CSV row per word.
@@ -59,7 +59,7 @@ class FeatureProbeModule(TransferModule):
         backbone: a backbone spec or module (see :func:`tlmodules.backbones.build_backbone`).
         save_backbone: also store the frozen backbone's weights in checkpoints (by default only the
             spec is stored and a hash of the weights, checked when the checkpoint is loaded).
-        projector_samples: how many validation features go to the projector (0: none).
+        projection_samples: how many validation features go to the projector (0: none).
         cache_features: ``False`` runs the backbone on every batch of every epoch (for comparison).
         normalize_features: L2-normalise features before the classifier (sentence-transformers
             models such as all-MiniLM-L6-v2 are trained to be compared as unit vectors).
@@ -72,8 +72,8 @@ class FeatureProbeModule(TransferModule):
         num_classes: int | None = None,
         class_names: list[str] | None = None,
         level: Literal["sequence", "token"] = "sequence",
-        classifier: str = "linear",
-        classifier_args: dict[str, Any] | None = None,
+        head: str = "linear",
+        estimator_args: dict[str, Any] | None = None,
         head_hidden: int = 256,
         dropout: float = 0.0,
         lr: float = 1e-3,
@@ -91,7 +91,7 @@ class FeatureProbeModule(TransferModule):
         cache_features: bool = True,
         normalize_features: bool = False,
         predict_output: Literal["probabilities", "embeddings"] = "probabilities",
-        projector_samples: int = 1000,
+        projection_samples: int = 1000,
         save_backbone: bool = False,
         trust_pickled_estimator: bool = False,
         seed: int = 0,
@@ -102,24 +102,33 @@ class FeatureProbeModule(TransferModule):
             raise ConfigError(f"unknown level {level!r}; choose sequence or token")
         if lr <= 0:
             raise ConfigError(f"lr must be positive, got {lr}")
-        self.backbone: Backbone = self.backbone_from_hparams(backbone)
+        self.backbone: Backbone = build_backbone(
+            backbone,
+            weights=weights,
+            pooling=pooling,
+            trust_remote_code=trust_remote_code,
+            num_features=num_features,
+            pretrained=pretrained,
+        )
         if level == "token" and not isinstance(self.backbone, TransformerBackbone):
             raise ConfigError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        if classifier not in TRAINED_HEADS and classifier not in ESTIMATORS and "." not in classifier:
+        if head not in HEAD_KINDS and head not in ESTIMATORS and "." not in head:
             raise ConfigError(
-                f"unknown classifier {classifier!r}; choose one of {[*TRAINED_HEADS, *sorted(ESTIMATORS)]} or a "
+                f"unknown head {head!r}; choose one of {[*HEAD_KINDS, *sorted(ESTIMATORS)]} or a "
                 "scikit-learn classifier's class path such as 'sklearn.linear_model.RidgeClassifier'"
             )
-        self.uses_estimator = classifier not in TRAINED_HEADS
+        self.uses_estimator = head not in HEAD_KINDS
+        if not self.uses_estimator:
+            check_head(head, head_hidden)  # a zero-width MLP fails now, not at setup
         if self.uses_estimator and not cache_features:
             raise ConfigError("a scikit-learn classifier is fitted on the cached features: keep cache_features=True")
         self.linear_estimator = False
         if self.uses_estimator:
             from sklearn.linear_model._base import LinearClassifierMixin
 
-            prototype = make_estimator(classifier, classifier_args, seed)  # fails now on a bad name or argument
+            prototype = make_estimator(head, estimator_args, seed)  # fails now on a bad name or argument
             self.linear_estimator = isinstance(prototype, LinearClassifierMixin)
             self.automatic_optimization = False
             # what the no-op optimizer steps; also gives DDP a parameter that requires a gradient (it refuses
@@ -140,8 +149,8 @@ class FeatureProbeModule(TransferModule):
     def build_classifier(self, num_classes: int) -> None:
         hp = self.hparams
         if not self.uses_estimator or self.linear_estimator:
-            hidden = hp.head_hidden if hp.classifier == "mlp" else 0
-            self.head = ClassificationHead(self.backbone.num_features, num_classes, hidden, hp.dropout)
+            kind = "linear" if self.uses_estimator else hp.head
+            self.head = build_head(kind, self.backbone.num_features, num_classes, hp.head_hidden, hp.dropout)
             if self.uses_estimator:
                 self.head.requires_grad_(False)  # filled from the fitted estimator, not trained
         if hp.level == "token":
@@ -188,7 +197,15 @@ class FeatureProbeModule(TransferModule):
         self.cache.bind(split, key)
 
     # -- features ---------------------------------------------------------------------------------
-    def features(self, batch: Any, split: str) -> tuple[Tensor, Tensor | None, list[int] | None]:
+    def features(self, inputs: Any) -> Tensor:
+        """Inputs → the frozen backbone's float32 features without the cache: sequence level ``(B, F)``;
+        token level ``(B, T, F)``, one row per token."""
+        with torch.no_grad():
+            if self.hparams.level == "token":
+                return self.backbone.forward_tokens(inputs).float()
+            return self.backbone(inputs).float()
+
+    def batch_features(self, batch: Any, split: str) -> tuple[Tensor, Tensor | None, list[int] | None]:
         """Cached or freshly computed features of a batch.
 
         Returns ``(features, labels, lengths)``: sequence level ``(B, F)``, ``(B,)``, ``None``;
@@ -208,26 +225,31 @@ class FeatureProbeModule(TransferModule):
             if cached is not None:
                 feats = torch.stack(cached).to(self.device)
             else:
-                with torch.no_grad():
-                    feats = self.backbone(inputs).float()
+                feats = self.features(inputs)
                 if keys is not None:
                     self.cache.add(split, keys, feats)
             return feats, labels, None
-        if labels is None:
-            raise ValueError("token-level batches need 'labels' (B, T) marking word starts (-100 elsewhere)")
-        if labels.ndim != 2:
+        starts = batch.get("word_starts") if isinstance(batch, dict) else None
+        if starts is None and labels is None:
             raise ConfigError(
-                f"level='token' needs one label per token, (B, T) with -100 where no word starts (as ConllDataModule "
-                f"gives), but the batch's labels have shape {tuple(labels.shape)}: for one label per input use "
-                "level='sequence'"
+                "token-level batches need 'word_starts' (B, T) or 'labels' (B, T) marking word starts, as "
+                "ConllDataModule gives"
             )
-        starts = labels != -100
+        if labels is not None and labels.ndim != 2:
+            raise ConfigError(
+                f"level='token' needs one label per token, (B, T) with {IGNORE_INDEX} where no word starts (as "
+                f"ConllDataModule gives), but the batch's labels have shape {tuple(labels.shape)}: for one label per "
+                "input use level='sequence'"
+            )
+        if starts is None:
+            starts = labels != IGNORE_INDEX
+        if labels is None:
+            labels = torch.full(starts.shape, IGNORE_INDEX, dtype=torch.long, device=starts.device)
         lengths = starts.sum(1).tolist()
         if cached is not None:
             per_sentence = [c.to(self.device) for c in cached]
         else:
-            with torch.no_grad():
-                hidden = self.backbone.forward_tokens(inputs).float()
+            hidden = self.features(inputs)
             per_sentence = [hidden[b][starts[b]] for b in range(hidden.shape[0])]
             if keys is not None:
                 self.cache.add(split, keys, per_sentence)
@@ -260,11 +282,9 @@ class FeatureProbeModule(TransferModule):
     def forward(self, inputs: Any) -> Tensor:
         """Inputs → logits without the cache (for use outside the Trainer): sequence level ``(B, num_classes)``;
         token level ``(B, T, num_classes)``, one row per token (a word's tag is read at its first sub-token)."""
-        with torch.no_grad():
-            if self.hparams.level == "token":
-                hidden = self.backbone.forward_tokens(inputs).float()
-                return self.classify(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
-            feats = self.backbone(inputs).float()
+        feats = self.features(inputs)
+        if self.hparams.level == "token":
+            return self.classify(feats.flatten(0, 1)).view(*feats.shape[:2], -1)
         return self.classify(feats)
 
     def fit_estimator_on_cache(self) -> None:
@@ -280,7 +300,7 @@ class FeatureProbeModule(TransferModule):
             y = torch.stack([y for _, y in pairs]).view(-1)
         start = time.perf_counter()
         estimator = fit_estimator(
-            make_estimator(self.hparams.classifier, self.hparams.classifier_args, self.hparams.seed), self.prepare(x), y
+            make_estimator(self.hparams.head, self.hparams.estimator_args, self.hparams.seed), self.prepare(x), y
         )
         self.log(
             "train/estimator_fit_seconds", time.perf_counter() - start, on_step=False, on_epoch=True, sync_dist=True
@@ -335,7 +355,7 @@ class FeatureProbeModule(TransferModule):
         self._bind_cache("predict")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        feats, labels, lengths = self.features(batch, "train")
+        feats, labels, lengths = self.batch_features(batch, "train")
         if self.uses_estimator:
             self.remember_labels("train", batch, labels, lengths)
             self.optimizers().step()  # no-op: counts the step
@@ -359,9 +379,9 @@ class FeatureProbeModule(TransferModule):
 
     def _evaluate(self, batch: Any, split: str, stage: str) -> None:
         if self.uses_estimator and not self.estimator_fitted:
-            self.features(batch, split)  # sanity check before the fit: just fill the cache
+            self.batch_features(batch, split)  # sanity check before the fit: just fill the cache
             return
-        feats, labels, lengths = self.features(batch, split)
+        feats, labels, lengths = self.batch_features(batch, split)
         if split == "val":
             self.remember_labels(split, batch, labels, lengths)
         logits = self.classify(feats)
@@ -404,7 +424,7 @@ class FeatureProbeModule(TransferModule):
         """Validation features with their class names to TensorBoard's projector (once per fit)."""
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        count = self.hparams.projector_samples
+        count = self.hparams.projection_samples
         if self._projector_logged or count <= 0 or self.trainer.sanity_checking or self.global_rank != 0:
             return
         if not isinstance(self.logger, TensorBoardLogger) or self.hparams.level != "sequence":
@@ -427,7 +447,7 @@ class FeatureProbeModule(TransferModule):
         embeddings output. Token level: ``{"index": (B,), "word_counts": (B,), "word_probs": (N, C)}`` (or
         ``"word_embeddings": (N, F)``), one row per word start of the batch in order, ``word_counts[b]`` of them
         for sentence ``b`` (:func:`tlmodules.predictions.word_rows` writes them one row per word)."""
-        feats, _, lengths = self.features(batch, "predict")
+        feats, _, lengths = self.batch_features(batch, "predict")
         if lengths is not None:
             index = self.prediction_index(batch, len(lengths), dataloader_idx)
             counts = torch.tensor(lengths, dtype=torch.long, device=feats.device)
@@ -444,11 +464,10 @@ class FeatureProbeModule(TransferModule):
         kind = "head" if not self.uses_estimator else ("linear_estimator" if self.head is not None else "pickled")
         return {
             **super().checkpoint_meta(),
-            "backbone": origin_dict(self.backbone),
             "backbone_saved": bool(self.hparams.save_backbone),
             "backbone_digest": self.backbone_digest(),
-            "classifier": {
-                "name": self.hparams.classifier,
+            "head": {
+                "name": self.hparams.head,
                 "kind": kind,
                 "fitted": self.estimator_fitted or not self.uses_estimator,
                 **(self.estimator_file or {}),
@@ -474,10 +493,10 @@ class FeatureProbeModule(TransferModule):
                     "ones this probe was trained on; restore those weights, retrain, or save with save_backbone=True"
                 )
             state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
-        classifier = meta.get("classifier", {})
+        classifier = meta.get("head", {})
         if self.uses_estimator and classifier.get("fitted") is False:
             raise ConfigError(
-                f"this checkpoint of the {self.hparams.classifier} probe was saved during its feature pass "
+                f"this checkpoint of the {self.hparams.head} probe was saved during its feature pass "
                 f"(step {checkpoint.get('global_step')}), before the estimator was fitted; the features seen so far "
                 "are not in the checkpoint, so resuming would fit the estimator on part of the training data: "
                 "start the run again without ckpt_path"

@@ -13,7 +13,7 @@ from tlmodules.errors import ConfigError
 
 FinetuneStrategy = Literal["full", "freeze", "freeze_unfreeze", "gradual", "lp_ft"]
 LRSchedule = Literal["constant", "cosine", "linear", "dann"]
-STRATEGIES: tuple[str, ...] = ("full", "freeze", "freeze_unfreeze", "gradual", "lp_ft")
+FINETUNE_STRATEGIES: tuple[str, ...] = ("full", "freeze", "freeze_unfreeze", "gradual", "lp_ft")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "dann")
 
 
@@ -35,7 +35,7 @@ def trainable_top_groups(strategy: str, epoch: int, num_groups: int, unfreeze_ep
         return num_groups if epoch >= unfreeze_epoch else 0
     if strategy == "gradual":
         return max(0, min(num_groups, epoch - unfreeze_epoch + 1))
-    raise ConfigError(f"unknown fine-tuning strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    raise ConfigError(f"unknown fine-tuning strategy {strategy!r}; choose one of {', '.join(FINETUNE_STRATEGIES)}")
 
 
 def lr_shape(schedule: str, progress: float, warmup_fraction: float = 0.0) -> float:

@@ -33,7 +33,7 @@ class RunSummary(pl.Callback):
         metrics: list[str] | None = None,
         compare: bool = True,
     ) -> None:
-        self.hparams = hparams if hparams is not None else ["strategy", "classifier"]
+        self.hparams = hparams if hparams is not None else ["strategy", "head"]
         self.metrics = metrics
         self.compare = compare
 

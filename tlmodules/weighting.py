@@ -309,7 +309,7 @@ class RandomLossWeighting(LossWeighting):
         return f"tasks={self.tasks!r}, seed={self.seed}"
 
 
-STRATEGIES: dict[str, type[LossWeighting]] = {
+WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "equal": EqualWeighting,
     "static": StaticWeighting,
     "uncertainty": UncertaintyWeighting,
@@ -321,6 +321,6 @@ STRATEGIES: dict[str, type[LossWeighting]] = {
 def build_weighting(name: str, tasks: Sequence[str], **kwargs: Any) -> LossWeighting:
     """Build a loss weighting by name: ``equal``, ``static`` (``weights=``), ``uncertainty``
     (``kinds=``), ``dwa`` (``temperature=``) or ``rlw`` (``seed=``)."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown loss weighting {name!r}; accepted names: {list(STRATEGIES)!r}")
-    return STRATEGIES[name](tasks, **kwargs)
+    if name not in WEIGHTINGS:
+        raise ConfigError(f"unknown loss weighting {name!r}; accepted names: {list(WEIGHTINGS)!r}")
+    return WEIGHTINGS[name](tasks, **kwargs)

@@ -88,7 +88,7 @@ class Recorder(pl.Callback):
 
 def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
-    model = FeatureProbeModule(backbone=SmallBackbone(), num_classes=NUM_CLASSES, classifier=classifier, lr=0.05)
+    model = FeatureProbeModule(backbone=SmallBackbone(), num_classes=NUM_CLASSES, head=classifier, lr=0.05)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     recorder = Recorder(model)
