@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -15,6 +17,9 @@ from tlmodules.labels import IGNORE_INDEX
 from tlmodules.positions import position_limit
 
 DEFAULT_MAX_LENGTH = 128
+LongText = Literal["truncate", "head_tail", "chunks"]
+LONG_TEXT_MODES: tuple[str, ...] = get_args(LongText)
+Baseline = Literal["none", "tfidf"]
 
 
 def check_max_length_argument(max_length: int | None) -> None:
@@ -40,10 +45,183 @@ def checked_max_length(max_length: int | None, tokenizer_source: str | None, mod
     return max_length
 
 
-class TokenizedTexts(Dataset):
-    """Pre-tokenized sentences: each item is ``{"input_ids": [...], "labels": int, "index": int}``."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    def __init__(self, encodings: dict[str, list[list[int]]], labels: Sequence[int]) -> None:
+
+def check_long_text_arguments(
+    long_text: str, head_tokens: int | None, chunk_stride: int | None, max_chunks: int | None
+) -> None:
+    """Refuse a ``long_text`` mode or a ``head_tokens`` / ``chunk_stride`` / ``max_chunks`` that no tokenizer could
+    make sense of (their upper bounds, which depend on the tokenizer, are checked by :func:`check_content_budget`)."""
+    if long_text not in LONG_TEXT_MODES:
+        raise DataError(f"long_text must be one of {list(LONG_TEXT_MODES)}, got {long_text!r}")
+    if head_tokens is not None and (not _is_int(head_tokens) or head_tokens < 0):
+        raise DataError(f"head_tokens must be an integer >= 0 (or null: a quarter of the tokens), got {head_tokens!r}")
+    if chunk_stride is not None and (not _is_int(chunk_stride) or chunk_stride < 1):
+        raise DataError(
+            f"chunk_stride must be an integer >= 1 (or null: half the tokens of a window), got {chunk_stride!r}"
+        )
+    if max_chunks is not None and (not _is_int(max_chunks) or max_chunks < 1):
+        raise DataError(f"max_chunks must be an integer >= 1 (or null: every window), got {max_chunks!r}")
+
+
+def check_content_budget(
+    budget: int, max_length: int, specials: int, head_tokens: int | None, chunk_stride: int | None
+) -> None:
+    """Refuse ``head_tokens`` / ``chunk_stride`` that do not fit the ``budget`` text tokens of one sequence
+    (``max_length`` minus the tokenizer's ``specials``)."""
+    where = f"the {budget} text tokens of a sequence (max_length {max_length} minus {specials} special tokens)"
+    if budget < 1:
+        raise DataError(
+            f"max_length {max_length} leaves no room for text after the tokenizer's {specials} special tokens; "
+            f"raise max_length"
+        )
+    if head_tokens is not None and head_tokens >= budget:
+        raise DataError(
+            f"head_tokens {head_tokens} leaves no room for the tail in {where}; give head_tokens below {budget}"
+        )
+    if chunk_stride is not None and chunk_stride > budget:
+        raise DataError(
+            f"chunk_stride {chunk_stride} is longer than a window ({where}): windows would skip tokens; "
+            f"give chunk_stride of {budget} or less"
+        )
+
+
+def default_head_tokens(budget: int) -> int:
+    """A quarter of the text tokens, rounded (128 of 510: Sun et al.'s head 128 + tail 382)."""
+    return (budget + 2) // 4
+
+
+def default_chunk_stride(budget: int) -> int:
+    """Half a window: every token is in two windows (one at the ends)."""
+    return max(1, budget // 2)
+
+
+def head_tail_tokens(ids: Sequence[int], budget: int, head_tokens: int) -> list[int]:
+    """The first ``head_tokens`` and the last ``budget - head_tokens`` of ``ids`` (all of them when they fit)."""
+    if len(ids) <= budget:
+        return list(ids)
+    tail = budget - head_tokens
+    return list(ids[:head_tokens]) + list(ids[len(ids) - tail :])
+
+
+def window_starts(length: int, budget: int, stride: int, max_chunks: int | None = None) -> list[int]:
+    """Where the windows of ``budget`` tokens over ``length`` tokens start: ``0, stride, 2 * stride, ...`` until
+    a window reaches the end (the last may be shorter); one window when the tokens fit. With ``max_chunks``
+    below the number of windows, ``max_chunks`` evenly spaced windows are kept, the first and the last among
+    them (``max_chunks=1``: the first)."""
+    if length <= budget:
+        return [0]
+    count = 1 + math.ceil((length - budget) / stride)
+    starts = [k * stride for k in range(count)]
+    if max_chunks is not None and count > max_chunks:
+        if max_chunks == 1:
+            return starts[:1]
+        keep = [round(i * (count - 1) / (max_chunks - 1)) for i in range(max_chunks)]
+        starts = [starts[i] for i in keep]
+    return starts
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Where a tokenizer puts its special tokens around one sequence (``[CLS] text [SEP]``, ``<s> text </s>``),
+    with their token types and the text's, read off one of its own encodings."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    prefix_types: tuple[int, ...] | None = None
+    suffix_types: tuple[int, ...] | None = None
+    text_type: int = 0
+
+    @classmethod
+    def read(cls, encoded: dict[str, list[int]], text_ids: Sequence[int], specials: int) -> SpecialTokens | None:
+        """The layout of ``encoded`` (the tokenizer's own encoding, special tokens included) around ``text_ids``
+        (its text tokens, all of them), or ``None`` when ``encoded`` is not ``prefix + text_ids + suffix``."""
+        ids, types = encoded["input_ids"], encoded.get("token_type_ids")
+        n = len(text_ids)
+        if len(ids) != n + specials:
+            return None
+        for p in range(specials + 1):
+            if list(ids[p : p + n]) == list(text_ids):
+                if types is None:
+                    return cls(tuple(ids[:p]), tuple(ids[p + n :]))
+                text_type = types[p] if n else 0
+                if any(t != text_type for t in types[p : p + n]):
+                    return None
+                return cls(tuple(ids[:p]), tuple(ids[p + n :]), tuple(types[:p]), tuple(types[p + n :]), text_type)
+        return None
+
+    def wrap(self, text_ids: Sequence[int]) -> dict[str, list[int]]:
+        """``text_ids`` with the special tokens placed as the tokenizer places them."""
+        out = {"input_ids": [*self.prefix, *text_ids, *self.suffix]}
+        if self.prefix_types is not None and self.suffix_types is not None:
+            out["token_type_ids"] = [*self.prefix_types, *[self.text_type] * len(text_ids), *self.suffix_types]
+        return out
+
+
+def encode_texts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    long_text: LongText = "truncate",
+    head_tokens: int | None = None,
+    chunk_stride: int | None = None,
+    max_chunks: int | None = None,
+) -> dict[str, list[Any]]:
+    """``input_ids`` (and ``token_type_ids`` where the tokenizer makes them) of every text.
+
+    A text of ``max_length`` tokens or fewer (special tokens included) is the tokenizer's own encoding under
+    every ``long_text``. A longer one: ``truncate`` keeps its first ``max_length`` tokens (the tokenizer's
+    truncation); ``head_tail`` its first ``head_tokens`` and last ``budget - head_tokens`` text tokens, ``budget``
+    being ``max_length`` minus the special tokens; ``chunks`` windows of ``budget`` text tokens starting
+    ``chunk_stride`` apart (:func:`window_starts`). The special tokens go where the tokenizer puts them
+    (:class:`SpecialTokens`). Under ``chunks`` every text's value is a list of windows (one for a short text).
+    """
+    encodings = tokenizer(list(texts), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in encodings]
+    out: dict[str, list[Any]] = {k: list(encodings[k]) for k in keys}
+    if long_text == "truncate":
+        return out
+    specials = tokenizer.num_special_tokens_to_add()
+    budget = max_length - specials
+    check_content_budget(budget, max_length, specials, head_tokens, chunk_stride)
+    head = default_head_tokens(budget) if head_tokens is None else head_tokens
+    stride = default_chunk_stride(budget) if chunk_stride is None else chunk_stride
+    maybe_long = [i for i, ids in enumerate(out["input_ids"]) if len(ids) >= max_length]
+    if not maybe_long:
+        return {k: [[v] for v in values] for k, values in out.items()} if long_text == "chunks" else out
+    text_ids = tokenizer([texts[i] for i in maybe_long], add_special_tokens=False, verbose=False)["input_ids"]
+    long = {i: list(ids) for i, ids in zip(maybe_long, text_ids) if len(ids) > budget}
+    if long_text == "chunks":
+        out = {k: [[v] for v in values] for k, values in out.items()}
+    layout: SpecialTokens | None = None
+    for i, ids in long.items():
+        truncated = {k: encodings[k][i] for k in keys}
+        if layout is None or layout.wrap(ids[:budget]) != truncated:
+            layout = SpecialTokens.read(truncated, ids[:budget], specials)
+        if layout is None:
+            raise DataError(
+                f"the tokenizer's encoding of text {i + 1} is not its text tokens between special tokens, so "
+                f"long_text={long_text!r} cannot place them; use long_text='truncate'"
+            )
+        if long_text == "head_tail":
+            pieces = layout.wrap(head_tail_tokens(ids, budget, head))
+            for k in keys:
+                out[k][i] = pieces[k]
+        else:
+            windows = [layout.wrap(ids[s : s + budget]) for s in window_starts(len(ids), budget, stride, max_chunks)]
+            for k in keys:
+                out[k][i] = [w[k] for w in windows]
+    return out
+
+
+class TokenizedTexts(Dataset):
+    """Pre-tokenized texts: each item is ``{"features": {"input_ids": [...][, "token_type_ids"]}, "labels": int,
+    "index": int}``; a text cut into windows (``long_text="chunks"``) has a list of windows per key instead,
+    so an item is always one whole text (document)."""
+
+    def __init__(self, encodings: dict[str, list[Any]], labels: Sequence[int]) -> None:
         self.encodings = encodings
         self.labels = list(labels)
 
@@ -57,11 +235,15 @@ class TokenizedTexts(Dataset):
 
 def token_counts(dataset: Dataset) -> list[int]:
     """Tokens of every sample of a dataset with ``encodings["input_ids"]`` (:class:`TokenizedTexts`, CoNLL
-    sentences) or of a ``Subset`` of one, in the dataset's order."""
+    sentences) or of a ``Subset`` of one, in the dataset's order; a text cut into windows counts the tokens of
+    all its windows."""
     if isinstance(dataset, Subset):
         counts = token_counts(dataset.dataset)
         return [counts[i] for i in dataset.indices]
-    return [len(ids) for ids in dataset.encodings["input_ids"]]
+    return [
+        sum(len(w) for w in ids) if ids and isinstance(ids[0], list) else len(ids)
+        for ids in dataset.encodings["input_ids"]
+    ]
 
 
 class PadCollator:
@@ -77,22 +259,29 @@ class PadCollator:
         self.pad_token_id = pad_token_id
         self.label_pad_id = label_pad_id
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(it["features"]["input_ids"]) for it in items)
-        batch_size = len(items)
-        ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch_size, length), dtype=torch.long)
+    def pad(self, sequences: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        """``{"input_ids": [...][, "token_type_ids": [...]]}`` per row → ``input_ids`` ``(N, T)`` padded with
+        ``pad_token_id``, ``attention_mask`` ``(N, T)`` and ``token_type_ids`` ``(N, T)`` padded with 0."""
+        length = max(len(seq["input_ids"]) for seq in sequences)
+        rows = len(sequences)
+        ids = torch.full((rows, length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((rows, length), dtype=torch.long)
         inputs = {"input_ids": ids, "attention_mask": mask}
-        has_types = "token_type_ids" in items[0]["features"]
+        has_types = "token_type_ids" in sequences[0]
         if has_types:
-            inputs["token_type_ids"] = torch.zeros((batch_size, length), dtype=torch.long)
-        for row, item in enumerate(items):
-            seq = item["features"]["input_ids"]
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
+            inputs["token_type_ids"] = torch.zeros((rows, length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            tokens = seq["input_ids"]
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
             if has_types:
-                types = item["features"]["token_type_ids"]
+                types = seq["token_type_ids"]
                 inputs["token_type_ids"][row, : len(types)] = torch.tensor(types, dtype=torch.long)
+        return inputs
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        inputs = self.pad([it["features"] for it in items])
+        batch_size, length = inputs["input_ids"].shape
         batch = {
             "inputs": inputs,
             "labels": self._labels([it["labels"] for it in items], length),
@@ -115,8 +304,34 @@ class PadCollator:
         return out
 
 
+class WindowPadCollator(PadCollator):
+    """:class:`PadCollator` for documents cut into windows (``long_text="chunks"``): every window of every
+    document of the batch is one padded row.
+
+    Returns ``{"inputs": {"input_ids": (W, T), "attention_mask": (W, T)[, "token_type_ids"], "document": (W,)},
+    "labels": (B,), "index": (B,)}`` for ``B`` documents with ``W`` windows in all; ``document[w]`` is the
+    position (``0 … B-1``) in the batch of window ``w``'s document, and a document's windows are consecutive rows.
+    """
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        windows: list[dict[str, Sequence[int]]] = []
+        document: list[int] = []
+        for position, item in enumerate(items):
+            features = item["features"]
+            for w in range(len(features["input_ids"])):
+                windows.append({k: v[w] for k, v in features.items()})
+                document.append(position)
+        inputs = self.pad(windows)
+        inputs["document"] = torch.tensor(document, dtype=torch.long)
+        return {
+            "inputs": inputs,
+            "labels": self._labels([it["labels"] for it in items], 0),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+
+
 class TextClassificationDataModule(ClassificationDataModule):
-    """Sentences and labels from CSV, TSV or JSON lines.
+    """Sentences or documents and their labels from CSV, TSV or JSON lines.
 
     Columns are named (with a header) or numbered from 0 (without); ``header`` defaults to
     "yes when the columns are given by name". ``quoting=False`` reads quote marks literally
@@ -125,11 +340,39 @@ class TextClassificationDataModule(ClassificationDataModule):
     labels; the mapping is ``class_names`` and travels in checkpoints.
 
     The tokenizer comes from the backbone (``backbone``, linked from the model in the CLI) or
-    ``tokenizer`` (a folder or hub id). Sentences are tokenized once at setup, truncated to
-    ``max_length`` tokens (default: 128, or the model's position limit when smaller; a value above that limit
-    is refused), and padded per batch. ``group_by_length`` makes training batches of sentences of
-    similar lengths (:class:`datamodules.samplers.LengthGroupedSampler`, shuffled between batches and sharded
-    under DDP), which pads far less than random batches.
+    ``tokenizer`` (a folder or hub id). Texts are tokenized once at setup to at most ``max_length`` tokens per
+    sequence (default: 128, or the model's position limit when smaller; a value above that limit is refused),
+    and padded per batch. ``group_by_length`` makes training batches of texts of similar lengths
+    (:class:`datamodules.samplers.LengthGroupedSampler`, shuffled between batches and sharded under DDP), which
+    pads far less than random batches.
+
+    Texts longer than ``max_length`` tokens (special tokens included) follow ``long_text``; a text that fits is
+    the tokenizer's own encoding under every setting. ``budget`` is ``max_length`` minus the tokenizer's special
+    tokens (``[CLS]``, ``[SEP]``: 126 of 128).
+
+    * ``truncate``: the first ``max_length`` tokens.
+    * ``head_tail`` (default; Sun et al., "How to Fine-Tune BERT for Text Classification?", CCL 2019: head 128 +
+      tail 382 beat the head alone on IMDb): the first ``head_tokens`` text tokens and the last
+      ``budget - head_tokens``, between the special tokens. ``head_tokens`` defaults to a quarter of ``budget``.
+    * ``chunks``: windows of ``budget`` text tokens (plus the special tokens) starting ``chunk_stride`` tokens
+      apart (default: half a window), the last reaching the text's end; ``max_chunks`` keeps that many evenly
+      spaced windows (the first and the last among them) of a longer text. An item is still one document (so
+      DDP shards documents and a document's windows stay together); the batch carries every window as a row
+      and ``inputs["document"]`` ``(W,)``, the position in the batch of each window's document, and the
+      backbone pools the windows of each document into one feature vector
+      (:class:`tlmodules.backbones.TransformerBackbone`). Labels and ``index`` stay ``(B,)``.
+
+    ``baseline`` is read by the TF-IDF baseline callback (:mod:`tlmodules.baseline`), not here.
+
+    Args:
+        long_text: ``truncate`` | ``head_tail`` | ``chunks``, what to do with a text longer than ``max_length``.
+        head_tokens: text tokens kept from the head under ``head_tail`` (``None``: a quarter of ``budget``,
+            rounded; below ``budget``).
+        chunk_stride: text tokens between the starts of consecutive windows under ``chunks`` (``None``: half
+            of ``budget``; from 1 to ``budget``).
+        max_chunks: the most windows per document under ``chunks`` (``None``: every window).
+        baseline: ``tfidf`` fits TF-IDF + logistic regression on the training split and logs
+            ``<stage>/baseline/acc`` beside the model's metrics (``tlmodules/baseline.py``); ``none`` does not.
     """
 
     def __init__(
@@ -153,12 +396,22 @@ class TextClassificationDataModule(ClassificationDataModule):
         batch_size: int = 32,
         num_workers: int | None = 0,
         group_by_length: bool = False,
+        long_text: LongText = "head_tail",
+        head_tokens: int | None = None,
+        chunk_stride: int | None = None,
+        max_chunks: int | None = None,
+        baseline: Baseline = "tfidf",
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
         self.group_by_length = group_by_length
         self.tokenizer, self.max_length = tokenizer, max_length
+        self._loaded_tokenizer: tuple[str, Any] | None = None
+        self.texts: dict[str, list[str]] = {}
         check_max_length_argument(max_length)
+        check_long_text_arguments(long_text, head_tokens, chunk_stride, max_chunks)
+        if baseline not in get_args(Baseline):
+            raise DataError(f"baseline must be one of {list(get_args(Baseline))}, got {baseline!r}")
         if header is None:
             header = isinstance(text_column, str) and not text_column.isdigit()
         self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
@@ -190,7 +443,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         spec, weights = self.backbone_spec, self.backbone_weights
         self.tokenizer_source = self.tokenizer or self._tokenizer_from_backbone(spec, weights)
         model = self.tokenizer or spec
-        self.max_length = checked_max_length(self.hparams.max_length, self.tokenizer_source, model)
+        hp = self.hparams
+        self.max_length = checked_max_length(hp.max_length, self.tokenizer_source, model)
+        if self.tokenizer_source is not None and (hp.head_tokens is not None or hp.chunk_stride is not None):
+            specials = self._load_tokenizer().num_special_tokens_to_add()  # the bounds depend on the tokenizer
+            check_content_budget(self.max_length - specials, self.max_length, specials, hp.head_tokens, hp.chunk_stride)
 
     @staticmethod
     def _tokenizer_from_backbone(backbone: str | None, weights: str | None) -> str | None:
@@ -202,29 +459,33 @@ class TextClassificationDataModule(ClassificationDataModule):
     def _load_tokenizer(self):
         if self.tokenizer_source is None:
             raise DataError("no tokenizer: set backbone (hf:/pkg: spec) or tokenizer on the text datamodule")
-        from transformers import AutoTokenizer
+        if self._loaded_tokenizer is None or self._loaded_tokenizer[0] != self.tokenizer_source:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_source)
+            self._loaded_tokenizer = (self.tokenizer_source, AutoTokenizer.from_pretrained(self.tokenizer_source))
+        return self._loaded_tokenizer[1]
 
-    def _encode(self, tokenizer, stage: str) -> tuple[dict[str, list[list[int]]], list[int]]:
+    def _encode(self, tokenizer, stage: str) -> tuple[dict[str, list[Any]], list[int]]:
         hp = self.hparams
         table = self.tables[stage]
         texts = ["" if t is None else str(t) for t in table.column(hp.text_column, "text")]
         self.check_not_empty(stage, len(texts), table.path)
-        encodings = tokenizer(texts, truncation=True, max_length=self.max_length)
-        keep = [k for k in ("input_ids", "token_type_ids") if k in encodings]
+        self.texts[stage] = texts
+        encodings = encode_texts(
+            tokenizer, texts, self.max_length, hp.long_text, hp.head_tokens, hp.chunk_stride, hp.max_chunks
+        )
         if stage == "predict":
             labels = [IGNORE_INDEX] * len(texts)
         else:
             labels = map_labels(table.column(hp.label_column, "label"), self.class_names, str(table.path))
-        return {k: encodings[k] for k in keep}, labels
+        return encodings, labels
 
     def setup(self, stage: str | None = None) -> None:
         if self.collate_fn is not None:
             return
         tokenizer = self._load_tokenizer()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.collate_fn = PadCollator(pad_id)
+        self.collate_fn = WindowPadCollator(pad_id) if self.hparams.long_text == "chunks" else PadCollator(pad_id)
         for name in self.tables:
             encodings, labels = self._encode(tokenizer, name)
             self.datasets[name] = TokenizedTexts(encodings, labels)
@@ -233,13 +494,28 @@ class TextClassificationDataModule(ClassificationDataModule):
             train_idx, val_idx = seeded_split(full.labels, self.val_fraction, self.seed)
             self.datasets["train"], self.datasets["val"] = Subset(full, train_idx), Subset(full, val_idx)
 
+    def split_texts(self, split: str) -> tuple[list[str], list[int]]:
+        """The raw texts of ``split`` (after :meth:`setup`) and their label indices (``IGNORE_INDEX`` for
+        ``predict``), in the split's order: a validation split held out of ``train_file`` is those rows, and
+        ``train`` then excludes them."""
+        dataset = self.datasets.get(split)
+        if dataset is None:
+            raise DataError(f"no {split} texts: set the {split} file of {type(self).__name__} and call setup first")
+        if isinstance(dataset, Subset):
+            full, rows = dataset.dataset, list(dataset.indices)
+            texts = self.texts["train"]
+            return [texts[i] for i in rows], [full.labels[i] for i in rows]
+        return list(self.texts[split]), list(dataset.labels)
+
     def sample_lengths(self, stage: str) -> list[int] | None:
+        """Tokens per text (per document: over all its windows under ``long_text="chunks"``)."""
         return token_counts(self.datasets[stage])
 
     def fingerprint(self, stage: str) -> str | None:
         hp = self.hparams
         settings = (hp.text_column, hp.file_format, hp.header, hp.quoting, self.max_length, self.tokenizer_source)
-        return self.file_fingerprint(stage, *settings)
+        long_text = (hp.long_text, hp.head_tokens, hp.chunk_stride, hp.max_chunks)
+        return self.file_fingerprint(stage, *settings, *long_text)
 
     def prediction_id(self, index: int) -> str:
         """Row number (1-based, header excluded) of the predicted sentence in ``predict_file``."""

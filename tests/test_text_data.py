@@ -229,13 +229,15 @@ def test_dynamic_padding_mask_and_truncation(tmp_path, tiny_hf_dir, tiny_tokeniz
     assert batches[1]["inputs"]["attention_mask"].sum(1).tolist() == [7, 6]
     assert torch.cat([b["labels"] for b in batches]).tolist() == [1, 0, 1, 0, 0]
 
-    short = text_module(tiny_hf_dir, test_file=str(path), batch_size=8, max_length=4)
-    short.setup("test")
-    batch = next(iter(short.test_dataloader()))
-    assert batch["inputs"]["input_ids"].shape == (5, 4)
-    assert batch["inputs"]["attention_mask"].sum(1).tolist() == [3, 3, 4, 4, 4]
-    tokens = tiny_tokenizer.convert_ids_to_tokens(batch["inputs"]["input_ids"][2].tolist())
-    assert tokens == ["[CLS]", "the", "food", "[SEP]"]
+    # "the food was very good" in 4 tokens: its head (truncate) or its first and last word (head_tail, the default)
+    for long_text, kept in (("truncate", ["the", "food"]), ("head_tail", ["the", "good"])):
+        short = text_module(tiny_hf_dir, test_file=str(path), batch_size=8, max_length=4, long_text=long_text)
+        short.setup("test")
+        batch = next(iter(short.test_dataloader()))
+        assert batch["inputs"]["input_ids"].shape == (5, 4)
+        assert batch["inputs"]["attention_mask"].sum(1).tolist() == [3, 3, 4, 4, 4]
+        tokens = tiny_tokenizer.convert_ids_to_tokens(batch["inputs"]["input_ids"][2].tolist())
+        assert tokens == ["[CLS]", *kept, "[SEP]"]
 
 
 def test_seeded_val_split_from_train_file(make_text_file, tiny_hf_dir):

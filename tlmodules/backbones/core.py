@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from tlmodules.errors import UserError
@@ -137,7 +138,16 @@ class TransformerBackbone(Backbone):
     """A Hugging Face encoder whose token states are pooled into one vector per sequence.
 
     ``inputs`` is the tokenizer's batch: ``input_ids`` ``(B, T)``, ``attention_mask`` ``(B, T)``
-    and optionally ``token_type_ids``; output ``(B, hidden_size)``.
+    and optionally ``token_type_ids``; output ``(B, hidden_size)``, each sequence's token states pooled by
+    ``pooling`` (``mean`` | ``cls`` | ``max``, :mod:`tlmodules.pooling`).
+
+    Documents cut into windows (``TextClassificationDataModule(long_text="chunks")``) come as ``W`` window
+    rows plus ``document`` ``(W,)``, the position ``0 … B-1`` of each window's document in the batch. Each
+    window is pooled as above, then the windows of a document are combined with the same operator, so the
+    output is ``(B, hidden_size)``, one row per document in document order: ``max``, the maximum over the
+    document's windows (the maximum over all its tokens); ``mean``, the windows weighted by their token
+    counts (the mean over all its tokens, a token in two overlapping windows counted twice); ``cls``, the
+    mean of the windows' ``[CLS]`` states.
     """
 
     def __init__(self, *args: Any, pooling: str = "mean", **kwargs: Any) -> None:
@@ -146,12 +156,33 @@ class TransformerBackbone(Backbone):
         self._pool = get_pooling(pooling)
 
     def forward_tokens(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Per-token features ``(B, T, hidden_size)``."""
+        """Per-token features ``(B, T, hidden_size)`` (per window row when ``inputs`` has ``document``)."""
         accepted = {"input_ids", "attention_mask", "token_type_ids"}
         return self.body(**{k: v for k, v in inputs.items() if k in accepted}).last_hidden_state
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        return self._pool(self.forward_tokens(inputs), inputs["attention_mask"])
+        mask = inputs["attention_mask"]
+        pooled = self._pool(self.forward_tokens(inputs), mask)
+        document = inputs.get("document")
+        if document is None:
+            return pooled
+        return self.combine_windows(pooled, mask.sum(1), document, self.pooling)
+
+    @staticmethod
+    def combine_windows(pooled: Tensor, window_tokens: Tensor, document: Tensor, pooling: str) -> Tensor:
+        """Pooled windows ``(W, F)`` → pooled documents ``(B, F)``: ``window_tokens`` ``(W,)`` real tokens per
+        window, ``document`` ``(W,)`` each window's document ``0 … B-1``; ``pooling`` as in the class docstring.
+        Computed in float32, returned in ``pooled``'s dtype."""
+        documents = int(document.max()) + 1
+        values = pooled.float()
+        out = values.new_zeros(documents, values.shape[1])
+        if pooling == "max":
+            index = document.unsqueeze(1).expand_as(values)
+            return out.scatter_reduce(0, index, values, reduce="amax", include_self=False).to(pooled.dtype)
+        weights = window_tokens.float() if pooling == "mean" else torch.ones_like(document, dtype=torch.float32)
+        totals = out.index_add(0, document, values * weights.unsqueeze(1))
+        norms = values.new_zeros(documents).index_add(0, document, weights)
+        return (totals / norms.clamp_min(1e-9).unsqueeze(1)).to(pooled.dtype)
 
 
 def origin_dict(backbone: Backbone) -> dict[str, Any] | None:
