@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, origin_dict
+from tlmodules.baseline import TfidfBaseline, wants_baseline
 from tlmodules.errors import ConfigError
 from tlmodules.hardware import PrecisionHardwareCheck
 from tlmodules.outputs import OutputFolderCheck
@@ -165,8 +166,15 @@ class TransferModule(pl.LightningModule):
         """Output folders that cannot be written fail the run before it starts (:mod:`tlmodules.outputs`); a
         bf16 precision on a CPU that only emulates bf16 is warned about (:mod:`tlmodules.hardware`); training
         keeps its own random stream, carried per process in checkpoints, so a resumed run repeats the
-        uninterrupted one (:mod:`tlmodules.random_state`), in the Python API as in the CLI."""
-        return [OutputFolderCheck(), PrecisionHardwareCheck(), TrainingRandomState()]
+        uninterrupted one (:mod:`tlmodules.random_state`), in the Python API as in the CLI. A datamodule with raw
+        texts that asks for it (``baseline: tfidf``, the text datamodule's default) adds a TF-IDF + logistic
+        regression baseline beside the model's metrics (:mod:`tlmodules.baseline`). Lightning calls this after
+        attaching the datamodule and before its ``setup``."""
+        callbacks: list[pl.Callback] = [OutputFolderCheck(), PrecisionHardwareCheck(), TrainingRandomState()]
+        trainer = self._trainer
+        if trainer is not None and wants_baseline(trainer.datamodule):
+            callbacks.append(TfidfBaseline())
+        return callbacks
 
     # -- a NaN or infinite loss stops the run before the backward pass ---------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

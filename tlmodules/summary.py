@@ -22,8 +22,9 @@ class RunSummary(pl.Callback):
     Args:
         hparams: hyperparameters shown as columns (those the model has), after what the module's own
             ``describe()`` returns, if it has one (DANNModule: ``{"method": "source-only" | "dann" | "cdan+e"}``).
-        metrics: metric names shown as columns, in order; ``None``: every ``val/…`` scalar but the
-            per-group learning rates.
+        metrics: metric names shown as columns, in order, each followed by the text baseline's counterpart
+            where the run logged one (``val/target/acc`` → ``val/target/baseline/acc``,
+            :mod:`tlmodules.baseline`); ``None``: every ``val/…`` scalar, the baseline's included.
         compare: also list the sibling runs.
     """
 
@@ -47,7 +48,8 @@ class RunSummary(pl.Callback):
             if name.startswith("val/") and getattr(value, "numel", lambda: 1)() == 1
         }
         if self.metrics is not None:
-            metrics = {name: metrics[name] for name in self.metrics if name in metrics}
+            chosen = dict.fromkeys(shown for name in self.metrics for shown in (name, baseline_counterpart(name)))
+            metrics = {name: metrics[name] for name in chosen if name in metrics}
         sources = getattr(trainer.datamodule, "data_sources", None)
         return {
             "module": type(pl_module).__name__,
@@ -76,6 +78,13 @@ class RunSummary(pl.Callback):
             if self.compare:
                 rows = sibling_summaries(log_dir, summary["module"])
         print(format_table(rows, current=str(log_dir) if log_dir else "this run"), flush=True)
+
+
+def baseline_counterpart(metric: str) -> str:
+    """The text baseline's name for a metric: ``val/acc`` → ``val/baseline/acc``, ``val/target/f1_macro`` →
+    ``val/target/baseline/f1_macro``."""
+    head, _, last = metric.rpartition("/")
+    return f"{head}/baseline/{last}"
 
 
 def sibling_summaries(log_dir: Path, module: str) -> list[tuple[str, dict[str, Any]]]:
