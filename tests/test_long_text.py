@@ -15,8 +15,9 @@ from conftest import FILLER, NEGATIVE, POSITIVE, make_trainer
 from torch.utils.data import DataLoader
 
 from datamodules import DataError, DomainAdaptationDataModule, TextClassificationDataModule
+from datamodules.long_text import default_chunk_stride, default_head_tokens, window_starts
 from datamodules.samplers import LengthGroupedSampler, ShuffledSampler
-from datamodules.text import WindowPadCollator, default_chunk_stride, default_head_tokens, window_starts
+from datamodules.text import WindowPadCollator
 from tlmodules import FeatureProbeModule, FineTuneModule
 from tlmodules.backbones import build_backbone, package_folder
 from tlmodules.labels import IGNORE_INDEX
