@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import augment_state, load_augment_state, seed_for_process
 from datamodules.loaders import ResumableLoader
-from datamodules.samplers import evaluation_sampler, training_sampler
+from datamodules.samplers import LengthOrderedSampler, evaluation_sampler, training_sampler
 from datamodules.tables import DataError
 
 
@@ -213,7 +213,39 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
+        """The prediction loader: in length order where ``sample_lengths`` knows the lengths (text: batches of
+        alike lengths, far less padding; every row carries its ``index``, and
+        :class:`tlmodules.predictions.PredictionWriter` writes the rows in index order), else in order."""
+        trainer = getattr(self, "trainer", None)
+        world_size = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        rank = trainer.global_rank if world_size > 1 else 0
+        loader = self.extraction_dataloader("predict", rank, world_size)
+        if loader is not None and (world_size == 1 or len(loader.sampler.batches) > 0):
+            return loader
         return self._loader("predict", shuffle=False)
+
+    def extraction_dataloader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader | None:
+        """Process ``rank``'s share of ``split`` in batches sorted by length (:class:`LengthOrderedSampler`, longest
+        first), not shuffled, with the split's collate function and batch size: for passes that do not depend
+        on the order, such as a frozen backbone's features (:meth:`tlmodules.FeatureProbeModule.extraction_pass`)
+        or predictions. ``None`` where the lengths are unknown (``sample_lengths`` gives ``None``: images, whose
+        cost does not depend on the order) or the split has no data."""
+        if split not in self.datasets:
+            return None
+        lengths = self.sample_lengths(split)
+        if lengths is None:
+            return None
+        dataset = self.datasets[split]
+        if len(lengths) != len(dataset):  # type: ignore[arg-type]
+            raise DataError(f"sample_lengths({split!r}) gives {len(lengths)} lengths for {len(dataset)} samples")  # type: ignore[arg-type]
+        sampler = LengthOrderedSampler(lengths, self.batch_size, num_replicas=world_size, rank=rank)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+        )
 
     def sample_lengths(self, stage: str) -> list[int] | None:
         """The length of every sample of ``stage`` (e.g. its token count) for length-grouped batching;

@@ -181,3 +181,30 @@ def training_sampler(
         return length_grouped_sampler(lengths, batch_size, trainer, seed)
     world_size, rank = _processes(trainer)
     return ShuffledSampler(size, num_replicas=world_size, rank=rank, seed=seed)
+
+
+class LengthOrderedSampler(DistributedSampler):
+    """One process's share of a split in length order, longest first, for passes whose result does not depend on
+    the order (a frozen backbone's features, predictions): batches of similar lengths are hardly padded.
+
+    The samples sorted by length (ties in dataset order) are cut into batches of ``batch_size``, and process
+    ``rank`` takes batches ``rank, rank + num_replicas, …``: every sample once, no padding repeats, and the
+    processes get batches of alike lengths (one may have a batch more). Read it with the same ``batch_size``.
+    It is a ``DistributedSampler``, so Lightning keeps it under DDP.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        self.batches = batches[rank::num_replicas]
+        self.num_samples = sum(len(b) for b in self.batches)
+        self.total_size = len(order)
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for batch in self.batches for i in batch)
+
+    def __len__(self) -> int:
+        return self.num_samples

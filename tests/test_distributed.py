@@ -7,7 +7,8 @@ epochs of 4 steps and every rank saves what it ended with.
 
 Feature probing under DDP: ``tests/scripts/ddp_probe.py`` fits a linear-head probe and a
 logistic-regression probe on two processes; each rank extracts only its own shard, once, and then
-holds every feature.
+holds every feature: during the first epoch, or (data with lengths) in a length-ordered extraction pass
+before training.
 
 Validation under DDP: every script validates on an odd number of samples, which the datamodules shard
 without Lightning's padded repeat (``datamodules.samplers.evaluation_sampler``), and the tests compare the
@@ -171,40 +172,65 @@ PROBE_SCRIPT = Path(__file__).parent / "scripts" / "ddp_probe.py"
 PROBE_SAMPLES, PROBE_VAL, PROBE_BATCH = 64, 13, 8  # as in the script
 
 
+def probe_length(position: int) -> int:
+    return (7 * position) % 11  # as the script's LengthPatternDataModule
+
+
 def test_feature_probe_extracts_each_shard_once_and_shares_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "probe"
     r0, r1 = run_ddp(out, script=PROBE_SCRIPT)
     assert r0["pid"] != r1["pid"] and [r0["linear"]["rank"], r1["linear"]["rank"]] == [0, 1]
     shard_batches = PROBE_SAMPLES // 2 // PROBE_BATCH
 
-    for run, epochs in (("linear", 3), ("logistic_regression", 1)):
+    for run, epochs in (("linear", 3), ("logistic_regression", 1), ("linear_length_ordered", 3)):
         a, b = r0[run], r1[run]
         assert a["world_size"] == 2
         for rank in (a, b):
-            # the backbone ran on this rank's own shard of epoch 0, one call per batch, and never again ...
-            assert rank["train_calls"] == shard_batches, f"{run}: {rank['train_calls']} backbone calls on training"
-            assert sorted(rank["computed"]) == [0]
-            assert sorted(rank["computed"][0]) == sorted(rank["seen"][0])
             assert sorted(rank["seen"]) == list(range(epochs))
             # ... although the sampler gave it other samples in later epochs
             for epoch in range(1, epochs):
                 assert set(rank["seen"][epoch]) != set(rank["seen"][0]), "the shards did not change: the test is moot"
-            assert rank["val_calls"] == 1  # 7 or 6 validation samples: one batch
-            # after the first epoch every rank holds every training feature; validation stays per shard
-            assert rank["train_cached"] == PROBE_SAMPLES
+            assert rank["train_cached"] == PROBE_SAMPLES  # every rank holds every training feature
             assert rank["train_cached_indices"] == list(range(PROBE_SAMPLES))
             assert rank["backbone_unchanged"], f"{run}: the frozen backbone's parameters or buffers changed"
-        assert not set(a["computed"][0]) & set(b["computed"][0]), "both ranks extracted the same samples"
-        assert sorted(a["computed"][0] + b["computed"][0]) == list(range(PROBE_SAMPLES))
+        if run == "linear_length_ordered":
+            # before training, each rank computed its share of each split, longest first; then the ranks
+            # exchanged them, and no training or validation batch ran the backbone
+            for split, first, count in (("train", 0, PROBE_SAMPLES), ("val", 1000, PROBE_VAL)):
+                shares = [a["extracted"][split], b["extracted"][split]]
+                assert not set(shares[0]) & set(shares[1]), f"both ranks extracted the same {split} samples"
+                assert sorted(shares[0] + shares[1]) == list(range(first, first + count))
+                for share in shares:
+                    lengths = [probe_length(i - first) for i in share]
+                    assert lengths == sorted(lengths, reverse=True), f"{split} not extracted in length order"
+            assert [len(a["extracted"]["train"]), len(b["extracted"]["train"])] == [PROBE_SAMPLES // 2] * 2
+            assert [len(a["extracted"]["val"]), len(b["extracted"]["val"])] == [PROBE_BATCH, PROBE_VAL - PROBE_BATCH]
+            for rank in (a, b):
+                assert rank["train_calls"] == rank["val_calls"] == 0 and rank["computed"] == {}
+                assert rank["val_cached"] == PROBE_VAL
+            # the same features and the same batches as the run that extracted during its first epoch
+            for name in a["head"]:
+                torch.testing.assert_close(a["head"][name], r0["linear"]["head"][name], atol=1e-5, rtol=0)
+        else:
+            for rank in (a, b):
+                # the backbone ran on this rank's own shard of epoch 0, one call per batch, and never again
+                assert rank["train_calls"] == shard_batches, f"{run}: {rank['train_calls']} backbone calls on training"
+                assert sorted(rank["computed"]) == [0]
+                assert sorted(rank["computed"][0]) == sorted(rank["seen"][0])
+                assert rank["val_calls"] == 1  # 7 or 6 validation samples: one batch
+                assert rank["extracted"] == {}
+            assert not set(a["computed"][0]) & set(b["computed"][0]), "both ranks extracted the same samples"
+            assert sorted(a["computed"][0] + b["computed"][0]) == list(range(PROBE_SAMPLES))
+            # validation features stay per shard: 13 samples sharded 7 + 6 without a padded repeat
+            assert sorted([a["val_cached"], b["val_cached"]]) == [PROBE_VAL // 2, PROBE_VAL - PROBE_VAL // 2]
 
         # the head is the same on both ranks, and it learned something
         assert a["head_initial"].keys() == a["head"].keys() == b["head"].keys()
         for name in a["head"]:
             assert torch.equal(a["head"][name], b["head"][name]), f"{run}: head {name} differs between ranks"
         assert max_diff(a["head"], a["head_initial"]) > 1e-2, f"{run}: the head did not move"
-        # validation: 13 samples sharded 7 + 6 without a padded repeat; the synchronised metrics are the
-        # whole set's (the estimator's loss is the cross-entropy of its predicted probabilities)
-        assert sorted([a["val_cached"], b["val_cached"]]) == [PROBE_VAL // 2, PROBE_VAL - PROBE_VAL // 2]
+        # validation: the synchronised metrics are the whole set's (the estimator's loss is the cross-entropy
+        # of its predicted probabilities)
         for key in ("val/acc", "val/loss", "hp_metric"):
             assert a["metrics"][key] == b["metrics"][key], f"{run}: {key}"
         assert a["metrics"]["val/acc"] == pytest.approx(a["whole_val"]["acc"], abs=1e-6)

@@ -756,7 +756,8 @@ def test_predict_writes_embeddings_or_probabilities(
 
     header, rows = read_csv(target)
     assert [row[0] for row in rows] == [str(i) for i in range(1, 12)]  # file rows, 1-based
-    _, feats = backbone_features(model, data.predict_dataloader())
+    indices, feats = backbone_features(model, data.predict_dataloader())  # read in length order
+    feats = feats[torch.tensor(indices).argsort()]
     if output == "embeddings":
         assert header == ["id", *(f"f{i}" for i in range(32))]
         values = torch.tensor([[float(v) for v in row[1:]] for row in rows])

@@ -10,8 +10,9 @@ and data does not recompute, and any change to them selects a different file. Fi
 SHA-256 of its tensors: a file that fails it, or whose tensors do not fit together, is ignored and
 its samples are recomputed (``torch.load`` itself does not notice flipped bytes in tensor data).
 
-Under DDP each process extracts the samples of its own shard; :meth:`share` exchanges them so that
-every process holds every sample (shards change between epochs when the sampler shuffles).
+Under DDP each process extracts the samples of its own shard (of a length-ordered extraction pass, or of the
+first epoch's batches); :meth:`share` exchanges them so that every process holds every sample (shards change
+between epochs when the sampler shuffles).
 """
 
 from __future__ import annotations
@@ -166,6 +167,11 @@ class FeatureCache:
                 table[i] = flat[row : row + n]
                 row += n
         return table
+
+    def mark_saved(self, split: str) -> None:
+        """What this process holds for ``split`` is on disk already (another process wrote the same samples):
+        :meth:`flush` has nothing to write."""
+        self.dirty.discard(split)
 
     # -- processes ----------------------------------------------------------------------------
     def share(self, split: str) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
 
 from tlmodules.outputs import check_writable_folder
 
@@ -21,7 +23,9 @@ class PredictionWriter(BasePredictionWriter):
     :func:`word_rows`).
 
     The id comes from the datamodule's ``prediction_id(index)`` (an image's relative path, a text
-    row number) when it has one. With several processes each writes ``<stem>.rank<r>.csv``.
+    row number) when it has one. Rows are written in ``index`` order (the inputs' order), whatever order the
+    loader read them in (text is predicted in length order: :meth:`datamodules.base.ClassificationDataModule.
+    predict_dataloader`). With several processes each writes ``<stem>.rank<r>.csv``.
     The file is written to a temporary name and renamed, so an interrupted run never leaves a
     half-written file in place of an earlier one.
     """
@@ -51,6 +55,7 @@ class PredictionWriter(BasePredictionWriter):
         names = list(getattr(pl_module, "class_names", None) or getattr(datamodule, "class_names", []))
         to_id = getattr(datamodule, "prediction_id", str)
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        batches = in_index_order(batches)
         path = self.target_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
@@ -70,6 +75,50 @@ class PredictionWriter(BasePredictionWriter):
 
 
 Rows = Iterator[list[str]]
+
+
+def in_index_order(batches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``batches`` as one batch sorted by ``index`` (stably), or the batches as they are when they are
+    in that order already or of a form this does not know.
+
+    A value with one row per input (a tensor whose first dimension is the batch's size: ``probs``,
+    ``embeddings``, a task's outputs, ``word_counts``) is reordered with ``index``; one with a row per word
+    (``word_probs``, ``word_embeddings``: ``word_counts[b]`` consecutive rows for input ``b``) moves with its
+    input's rows.
+    """
+    if not batches or not all(isinstance(b, dict) and isinstance(b.get("index"), Tensor) for b in batches):
+        return list(batches)
+    index = torch.cat([b["index"].detach().reshape(-1).cpu() for b in batches])
+    order = torch.argsort(index, stable=True)
+    if torch.equal(order, torch.arange(len(order))):
+        return list(batches)
+    merged: dict[str, Tensor] = {}
+    for key in batches[0]:
+        values = [b.get(key) for b in batches]
+        if not all(isinstance(v, Tensor) and v.ndim > 0 for v in values):
+            return list(batches)
+        merged[key] = torch.cat([v.detach().cpu() for v in values])  # type: ignore[union-attr]
+    counts = merged.get("word_counts")
+    word_keys = [k for k in merged if k.startswith("word_") and k != "word_counts"]
+    if word_keys and counts is None:
+        return list(batches)
+    word_order = None
+    if counts is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        moved = counts[order]
+        new_starts = torch.cumsum(moved, 0) - moved
+        word_order = torch.arange(int(moved.sum())) + torch.repeat_interleave(starts[order] - new_starts, moved)
+    out: dict[str, Tensor] = {}
+    for key, value in merged.items():
+        if key in word_keys:
+            if len(value) != len(word_order):  # type: ignore[arg-type]
+                return list(batches)
+            out[key] = value[word_order]
+        elif len(value) != len(index):
+            return list(batches)
+        else:
+            out[key] = value[order]
+    return [out]
 
 
 def embedding_rows(batches: Sequence[dict[str, Any]], to_id: Callable[[int], str]) -> tuple[list[str], Rows]:

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone, origin_dict
@@ -33,11 +36,16 @@ from tlmodules.schedules import LRSchedule
 class FeatureProbeModule(ClassificationMixin, TransferModule):
     """A frozen backbone, its features cached, and a new classifier on top (linear probing and kin).
 
-    The backbone stays in eval mode with no gradient. Each sample's features are computed the
-    first time its batch is seen and looked up by the batch's ``index`` afterwards, so ``k`` epochs
-    cost one backbone pass plus ``k`` head passes (:class:`tlmodules.feature_cache.FeatureCache`;
-    ``cache_dir`` also keeps them on disk for later runs, keyed by backbone, weights,
-    preprocessing and data). Batches without an ``index`` are not cached.
+    The backbone stays in eval mode with no gradient. Each sample's features are computed once and
+    looked up by the batch's ``index`` afterwards, so ``k`` epochs cost one backbone pass plus ``k`` head
+    passes (:class:`tlmodules.feature_cache.FeatureCache`; ``cache_dir`` also keeps them on disk for later
+    runs, keyed by backbone, weights, preprocessing and data). Batches without an ``index`` are not cached.
+
+    When the datamodule offers length-ordered batches (``extraction_dataloader``: text), the features of the
+    training and validation splits are computed before the first training batch, in batches of similar
+    lengths (little padding), each process its share, then exchanged (:meth:`extraction_pass`); every
+    training batch is then a cache hit, whatever order the training sampler draws. Otherwise (images, a run
+    limited to part of an epoch) each batch's features are computed the first time it is seen.
 
     Heads (``head``): ``linear`` or ``mlp`` (``head_hidden`` units, ``dropout``) trained by the Trainer's
     optimizer, or a scikit-learn estimator fitted on the cached training features at the end of the first
@@ -255,6 +263,84 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
                 self.cache.add(split, keys, per_sentence)
         return torch.cat(per_sentence), labels[starts], lengths
 
+    def extract(self, loader: Any, split: str) -> int:
+        """The features of every batch of ``loader`` into the cache of ``split`` (no gradient; the backbone is
+        in eval mode), skipping batches whose samples are all cached already. Stops at a batch without an
+        ``index`` (nothing to file its features under). Returns the number of batches computed."""
+        computed = 0
+        for batch in loader:
+            index = batch.get("index") if isinstance(batch, dict) else None
+            if index is None:
+                break
+            if self.cache.lookup(split, index.tolist()) is not None:
+                continue
+            self.batch_features(move_data_to_device(batch, self.device), split)
+            computed += 1
+        return computed
+
+    def extraction_pass(self) -> dict[str, int]:
+        """Before the first training batch: every training and validation feature, computed in length order.
+
+        A frozen pass does not depend on the order of its samples, so it need not follow the training
+        sampler's (random) batches: the datamodule's ``extraction_dataloader(split, rank, world_size)`` gives
+        this process's share of the split sorted by length, batches that are hardly padded (about 3x faster than
+        random batches of sentences). Afterwards the processes exchange their shares (a collective), rank 0
+        writes them to ``cache_dir``, and every training batch is a cache hit. Skipped (features are then
+        computed batch by batch as training meets them) with ``cache_features=False``, when the datamodule has
+        no such loader (images: order does not change their cost), and for a split this fit will not read
+        whole (``limit_train_batches``, ``max_steps`` within the first epoch; ``limit_val_batches``, no
+        validation). Returns the batches computed per split."""
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        make_loader = getattr(datamodule, "extraction_dataloader", None)
+        if not self.hparams.cache_features or not callable(make_loader):
+            return {}
+        splits = [
+            s
+            for s, whole in (("train", self._reads_whole_training_split()), ("val", self._validates_whole_split()))
+            if whole
+        ]
+        computed: dict[str, int] = {}
+        for split in splits:
+            loader = make_loader(split, trainer.global_rank, trainer.world_size)
+            if loader is None:
+                continue
+            rank_zero_info(f"{type(self).__name__}: computing the {split} features in length order")
+            # no random draw may shift the training stream (a loader's iterator draws a seed)
+            with isolate_rng(), torch.no_grad(), trainer.precision_plugin.forward_context():
+                computed[split] = self.extract(loader, split)
+            self.cache.share(split)  # collective: every process takes part, the same splits in the same order
+            if self.global_rank == 0:
+                self.cache.flush(split)
+            else:
+                self.cache.mark_saved(split)  # rank 0 wrote every process's features
+            if split == "train":
+                self._train_shared = True
+        return computed
+
+    def _reads_whole_training_split(self) -> bool:
+        """Whether this fit's next epoch reads every training batch (not cut by ``limit_train_batches`` or by
+        ``max_steps``)."""
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not _whole(trainer.limit_train_batches, batches):
+            return False
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            remaining = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return remaining >= batches
+        return True
+
+    def _validates_whole_split(self) -> bool:
+        """Whether this fit validates, over every validation batch."""
+        trainer = self.trainer
+        if not trainer.enable_validation or trainer.limit_val_batches == 0:
+            return False
+        every = trainer.check_val_every_n_epoch
+        if every is not None and trainer.max_epochs is not None and 0 <= trainer.max_epochs < every:
+            return False
+        counts = trainer.num_val_batches or [0]
+        return _whole(trainer.limit_val_batches, max(counts))
+
     def remember_labels(self, split: str, batch: Any, labels: Tensor | None, lengths: list[int] | None) -> None:
         index = batch.get("index") if isinstance(batch, dict) else None
         if index is None or labels is None:
@@ -341,6 +427,11 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
         self._bind_cache("train")
         self._bind_cache("val")
         self._train_shared = False
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # here, not in on_fit_start: the loaders are built and a resumed run's position is restored
+        self.extraction_pass()
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
@@ -509,3 +600,11 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
             )
             self.estimator_file = {"path": classifier["path"], "sha256": classifier["sha256"]}
         self.estimator_fitted = bool(classifier.get("fitted", False))
+
+
+def _whole(limit: int | float, batches: int | float) -> bool:
+    """Whether a Lightning batch limit (``limit_*_batches``: a fraction, or a count) leaves a loader of
+    ``batches`` batches whole (``batches`` is already the limited count)."""
+    if isinstance(limit, float):
+        return limit >= 1.0
+    return batches < limit

@@ -2,15 +2,17 @@
 
 Lightning's ``strategy="ddp"`` starts the other process by running this script again, so it lives
 outside pytest. A :class:`tlmodules.FeatureProbeModule` on a small frozen BatchNorm network is fitted
-twice on the same 64 samples: a linear head for 3 epochs (the training sampler reshuffles the shards
-every epoch), then a logistic-regression probe for 1 epoch. The data has no datamodule, so the
-feature cache lives in memory.
+three times on the same 64 samples: a linear head for 3 epochs (the training sampler reshuffles the shards
+every epoch), a logistic-regression probe for 1 epoch, and the linear head again on data that has lengths
+(``sample_lengths``, as text has), so the features are computed by the length-ordered extraction pass
+before training. The data has no fingerprint, so the feature cache lives in memory.
 
 Usage: ``python ddp_probe.py OUT_DIR``. Every rank writes ``OUT_DIR/rank<r>.pt`` with, per run
-(``"linear"``, ``"logistic_regression"``): the sample indices whose training batches made the backbone
-run, per epoch (``"computed"``), the indices this rank trained on, per epoch (``"seen"``), the number
-of backbone calls on training and on validation batches, the number of training / validation samples
-in the cache after the fit, the metrics it logged, the final model's accuracy and loss over the whole
+(``"linear"``, ``"logistic_regression"``, ``"linear_length_ordered"``): the sample indices whose training
+batches made the backbone run, per epoch (``"computed"``), the indices this rank trained on, per epoch
+(``"seen"``), the number of backbone calls on training and on validation batches, the samples of each
+split this rank's extraction pass computed, in order (``"extracted"``), the number of training / validation
+samples in the cache after the fit, the metrics it logged, the final model's accuracy and loss over the whole
 13-sample validation set, the head's state before and after, whether the backbone's parameters and
 buffers are unchanged, and the number of samples each estimator fit used.
 """
@@ -51,20 +53,52 @@ class SmallBackbone(nn.Module):
         return self.blocks(x)
 
 
-class Recorder(pl.Callback):
-    """Which training samples this rank saw, and on which training batches its backbone ran, per epoch."""
+class LengthPatternDataModule(PatternDataModule):
+    """The pattern data with a made-up length per sample, so the probe's extraction pass runs in length order."""
 
-    def __init__(self, model: FeatureProbeModule) -> None:
+    def sample_lengths(self, stage: str) -> list[int] | None:
+        return [length_of(i) for i in range(len(self.datasets[stage]))]
+
+
+def length_of(position: int) -> int:
+    return (7 * position) % 11
+
+
+class Recorder(pl.Callback):
+    """Which training samples this rank saw, and on which training batches its backbone ran, per epoch; which
+    samples its extraction pass computed, per split, in order."""
+
+    def __init__(self, model: FeatureProbeModule, data: PatternDataModule) -> None:
         self.seen: dict[int, list[int]] = {}
         self.computed: dict[int, list[int]] = {}
+        self.extracted: dict[str, list[int]] = {}
         self.train_calls = 0
         self.val_calls = 0
         self.batch: list[int] = []
         self.stage = ""
+        # an input row → its sample index (the backbone sees inputs only)
+        self.index_of = {
+            tuple(row.tolist()): dataset.offset + i
+            for dataset in data.datasets.values()
+            for i, row in enumerate(dataset.inputs)
+        }
         model.backbone.body.register_forward_hook(self.on_backbone_forward)
+        extract = model.extract
+
+        def recording_extract(loader: Any, split: str) -> int:
+            self.stage = f"extract:{split}"
+            try:
+                return extract(loader, split)
+            finally:
+                self.stage = ""
+
+        model.extract = recording_extract
 
     def on_backbone_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.stage == "train":
+        if self.stage.startswith("extract:"):
+            rows = [self.index_of[tuple(row.tolist())] for row in args[0]]
+            self.extracted.setdefault(self.stage.removeprefix("extract:"), []).extend(rows)
+        elif self.stage == "train":
             self.train_calls += 1
             self.computed.setdefault(self.epoch, []).extend(self.batch)
         elif self.stage == "val":
@@ -86,12 +120,14 @@ class Recorder(pl.Callback):
         self.stage = ""
 
 
-def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
+def fit(classifier: str, epochs: int, root: Path, lengths: bool = False) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
     model = FeatureProbeModule(backbone=SmallBackbone(), num_classes=NUM_CLASSES, head=classifier, lr=0.05)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
-    recorder = Recorder(model)
+    kind = LengthPatternDataModule if lengths else PatternDataModule
+    data = kind(NUM_SAMPLES, NUM_VAL, seed=1, batch_size=BATCH_SIZE, val_noise=2.0)
+    recorder = Recorder(model, data)
     fits: list[int] = []
     original_fit = tlmodules.probe.fit_estimator
 
@@ -113,7 +149,6 @@ def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
         default_root_dir=root,
         callbacks=[recorder],
     )
-    data = PatternDataModule(NUM_SAMPLES, NUM_VAL, seed=1, batch_size=BATCH_SIZE, val_noise=2.0)
     try:
         trainer.fit(model, datamodule=data)
     finally:
@@ -123,6 +158,7 @@ def fit(classifier: str, epochs: int, root: Path) -> dict[str, Any]:
     return {
         "seen": recorder.seen,
         "computed": recorder.computed,
+        "extracted": recorder.extracted,
         "train_calls": recorder.train_calls,
         "val_calls": recorder.val_calls,
         "train_cached": model.cache.size("train"),
@@ -147,6 +183,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {"linear": fit("linear", 3, args.out / "linear"), "pid": os.getpid()}
     results["logistic_regression"] = fit("logistic_regression", 1, args.out / "logreg")
+    results["linear_length_ordered"] = fit("linear", 3, args.out / "length_ordered", lengths=True)
     rank = results["linear"]["rank"]
     torch.save(results, args.out / f"rank{rank}.pt")
 
