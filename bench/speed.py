@@ -9,8 +9,9 @@ a ratio of medians (``bench/timing.py``). Run on an otherwise idle machine.
     python bench/speed.py --device cuda --figures bf16_speedup finetune_overhead_image
 
 Writes ``bench/results/speed[_<device>].json`` (``{"figures": {name: result}, ...}``) and a markdown table
-beside it. A result holds ``value`` (the ratio), ``goal``, ``met``, ``threads``, ``peak_rss_mib``, ``seconds``
-and the figure's ``details``.
+beside it. A result holds ``value`` (the ratio), ``goal``, ``met``, ``threads``, ``peak_rss_mib``, ``seconds``,
+the figure's ``details`` and its ``stamp`` (date, commit, CPU model, torch). A run of some figures replaces
+those figures only.
 """
 
 from __future__ import annotations
@@ -43,18 +44,52 @@ FIGURES: dict[str, str] = {  # figure name: "module:function" (function(args) ->
     "loader_throughput_images": "bench.speed_data:loader_throughput_images",
     "loader_throughput_text": "bench.speed_data:loader_throughput_text",
     "length_grouped_speedup": "bench.speed_text:length_grouped_speedup",
+    "probe_extraction_vs_sentence_transformers": "bench.speed_extraction:probe_extraction_vs_sentence_transformers",
 }
 
 
 def run_figure(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """In this process: fix the threads, run the figure, add its thread count, memory and wall time."""
+    """In this process: fix the threads, run the figure, add its thread count, memory, wall time and stamp."""
     threads = set_threads(args.threads)
     module, function = FIGURES[name].split(":")
     start = time.perf_counter()
     result = getattr(importlib.import_module(module), function)(args)
     result.update(threads=threads, peak_rss_mib=round(peak_rss_mib(), 1), seconds=round(time.perf_counter() - start, 1))
     result.setdefault("device", args.device)
+    result["stamp"] = stamp()
     return result
+
+
+def stamp() -> dict[str, Any]:
+    """Where and when a figure was measured: date, commit (``+`` when the tree had changes), CPU model, torch."""
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *command], cwd=root, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+"
+    cpu_model = None
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu_model = names[0] if names else None
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "cpu_model": cpu_model or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def in_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -124,8 +159,9 @@ def main() -> None:
     output = Path(args.output) if args.output else default
     if args.output or not args.quick:
         previous = json.loads(output.read_text()) if output.exists() else {}
-        if previous.get("figures") and set(figures) != set(FIGURES):  # a partial run updates its figures only
-            report["figures"] = {**previous["figures"], **figures}
+        if previous.get("figures") and set(figures) != set(FIGURES):
+            # a partial run updates its figures only (each carries its own stamp); the header stays the full run's
+            report = {**previous, "figures": {**previous["figures"], **figures}}
         output.write_text(json.dumps(report, indent=2))
         output.with_suffix(".md").write_text(table(report["figures"]))
     print(table(figures))
