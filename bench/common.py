@@ -69,3 +69,19 @@ def minilm_finetune_module(num_classes: int, class_names: Sequence[str] | None =
         lr_schedule="linear",
         warmup_fraction=0.1,
     )
+
+
+def quiet_trainer(epochs: int) -> Any:
+    """A CPU Trainer for timed benchmark runs: no logger, checkpoints, progress bar or validation loop."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )

@@ -47,6 +47,7 @@ from bench.common import (  # noqa: E402
     SHARED,
     Row,
     minilm_finetune_module,
+    quiet_trainer,
     read_csv,
     sample,
     stratified_split,
@@ -111,19 +112,6 @@ def datamodule(files: tuple[Path, Path], long_text: str, max_length: int, batch_
     )
 
 
-def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-
-
 def timed(fit_and_test) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     result = fit_and_test()
@@ -147,7 +135,7 @@ def probe(files: tuple[Path, Path], long_text: str, head: str, max_length: int, 
     )
 
     def run() -> dict[str, Any]:
-        fit = trainer(30 if linear else 1)
+        fit = quiet_trainer(30 if linear else 1)
         fit.fit(model, datamodule=data)
         return fit.test(model, datamodule=data, verbose=False)[0]
 
@@ -169,7 +157,7 @@ def finetune(
     epochs = max(3, math.ceil(min_steps / math.ceil(train_size / batch_size)))
 
     def run() -> dict[str, Any]:
-        fit = trainer(epochs)
+        fit = quiet_trainer(epochs)
         fit.fit(model, datamodule=data)
         return fit.test(model, datamodule=data, verbose=False)[0]
 

@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     SHARED,
     Row,
     minilm_finetune_module,
+    quiet_trainer,
     read_csv,
     read_tsv,
     sample,
@@ -99,19 +100,6 @@ def tfidf_logreg(train: list[Row], test: list[Row]) -> dict[str, float]:
     return scores([y for _, y in test], list(predicted), time.perf_counter() - start)
 
 
-def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-
-
 def datamodule(files: tuple[Path, Path], batch_size: int) -> TextClassificationDataModule:
     return TextClassificationDataModule(
         train_file=str(files[0]),
@@ -141,7 +129,7 @@ def probe(files, classifier: str, cache_dir: str, epochs: int = 1, cache: bool =
         **kwargs,
     )
     start = time.perf_counter()
-    fit = trainer(epochs)
+    fit = quiet_trainer(epochs)
     fit.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
     result = fit.test(model, datamodule=data, verbose=False)[0]
@@ -153,7 +141,7 @@ def finetune(files) -> dict[str, float]:
     data = datamodule(files, batch_size=16)
     model = minilm_finetune_module(data.num_classes, data.class_names)
     start = time.perf_counter()
-    fit = trainer(4)
+    fit = quiet_trainer(4)
     fit.fit(model, datamodule=data)
     result = fit.test(model, datamodule=data, verbose=False)[0]
     return {
@@ -179,7 +167,7 @@ def cache_speedup(files, epochs: int = 10) -> dict[str, float]:
         data = datamodule(files, batch_size=64)
         model = FeatureProbeModule(backbone=MINILM, head="linear", lr=5e-3, cache_features=cache)
         start = time.perf_counter()
-        trainer(epochs).fit(model, datamodule=data)
+        quiet_trainer(epochs).fit(model, datamodule=data)
         timings[name] = time.perf_counter() - start
     return {
         "epochs": epochs,
