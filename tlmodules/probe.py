@@ -281,15 +281,15 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
     def extraction_pass(self) -> dict[str, int]:
         """Before the first training batch: every training and validation feature, computed in length order.
 
-        A frozen pass does not depend on the order of its samples, so it need not follow the training
-        sampler's (random) batches: the datamodule's ``extraction_dataloader(split, rank, world_size)`` gives
-        this process's share of the split sorted by length, batches that are hardly padded (about 3x faster than
-        random batches of sentences). Afterwards the processes exchange their shares (a collective), rank 0
-        writes them to ``cache_dir``, and every training batch is a cache hit. Skipped (features are then
-        computed batch by batch as training meets them) with ``cache_features=False``, when the datamodule has
-        no such loader (images: order does not change their cost), and for a split this fit will not read
-        whole (``limit_train_batches``, ``max_steps`` within the first epoch; ``limit_val_batches``, no
-        validation). Returns the batches computed per split."""
+        A frozen pass does not depend on the order of its samples, so it need not follow the training sampler's
+        (random) batches: the datamodule's ``extraction_dataloader(split, rank, world_size)`` gives this process's
+        share of the split sorted by length, batches that are hardly padded (bench/README.md, "Speed", measures the
+        gain over random batches). Afterwards the processes exchange their shares (a collective), rank 0 writes them
+        to ``cache_dir``, and every training batch is a cache hit. Skipped (features are then computed batch by
+        batch as training meets them) with ``cache_features=False``, when the datamodule has no such loader (images:
+        order does not change their cost), and for a split this fit will not read whole (``limit_train_batches``,
+        ``max_steps`` within the first epoch; ``limit_val_batches``, no validation). Returns the batches computed
+        per split."""
         trainer = self.trainer
         datamodule = getattr(trainer, "datamodule", None)
         make_loader = getattr(datamodule, "extraction_dataloader", None)
