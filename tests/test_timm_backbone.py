@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import pathlib
 import re
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ROOT, TrainPy, make_trainer
+from test_backbones import Evil, all_groups
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -61,20 +61,6 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
-
-
-class Evil:
-    """Unpickling this object calls ``Path.touch(marker)``: code execution, observable on disk."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
-
-
-def all_groups(backbone: Backbone) -> list[list[str]]:
-    return [backbone.group_names(i) for i in range(backbone.num_groups)]
 
 
 def reference(name: str, seed: int = 0, **kwargs) -> nn.Module:
