@@ -42,6 +42,10 @@ def default_num_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+AUTO_VAL_FRACTION = 0.1  # held out for validation when val_fraction is unset ...
+AUTO_VALIDATION_MIN_TRAIN = 500  # ... from this many training samples up (below: every sample trains)
+
+
 def seeded_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of a seeded train/validation split, stratified by label where every class has 2+ samples."""
     from sklearn.model_selection import train_test_split
@@ -118,14 +122,14 @@ class ClassificationDataModule(pl.LightningDataModule):
     # set then coming from the checkpoint through ``labels``); MultiTaskDataModule needs its training table
     splits_stand_alone: ClassVar[bool] = True
 
-    def __init__(self, batch_size: int, num_workers: int | None, val_fraction: float, seed: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int | None, val_fraction: float | None, seed: int) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
         if num_workers is not None and num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}; or leave it unset (automatic)")
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.val_fraction = val_fraction
@@ -148,6 +152,34 @@ class ClassificationDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def training_size(self) -> int | None:
+        """How many training samples the training file or folder holds, known before ``setup`` (``None`` where
+        it is not known; subclasses that read their listing early say)."""
+        return None
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of the training data held out for validation when there is no validation file or folder.
+
+        ``val_fraction`` when given. Unset (automatic): :data:`AUTO_VAL_FRACTION`, but none for a training set
+        smaller than :data:`AUTO_VALIDATION_MIN_TRAIN`: a tenth of a few dozen examples measures nothing
+        (±15 points of accuracy at 10 examples) and costs a tenth of the little training data there is."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        size = self.training_size()
+        return 0.0 if size is not None and size < AUTO_VALIDATION_MIN_TRAIN else AUTO_VAL_FRACTION
+
+    def validation_note(self) -> str | None:
+        """Why this fit has no validation data although ``val_fraction`` was left unset; ``None`` otherwise."""
+        sources = {**getattr(self, "files", {}), **getattr(self, "dirs", {})}
+        if self.val_fraction is not None or sources.get("val") is not None or self.held_out_fraction > 0:
+            return None
+        return (
+            f"no validation split: the {self.training_size()} training samples (fewer than "
+            f"{AUTO_VALIDATION_MIN_TRAIN}) all train; set val_fraction (e.g. 0.2) or a val file/folder to hold "
+            "some out"
+        )
+
     def use_backbone(self, backbone: str | None, weights: str | None) -> None:
         """Follow a backbone: its spec and weights decide the preprocessing (images) or the tokenizer (text).
 
@@ -169,7 +201,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         sources = {**getattr(self, "files", {}), **getattr(self, "dirs", {})}
         if sources.get(stage) is not None:
             return True
-        return stage == "val" and sources.get("train") is not None and self.val_fraction > 0
+        return stage == "val" and sources.get("train") is not None and self.held_out_fraction > 0
 
     def data_sources(self) -> dict[str, str]:
         """The files or folders each split comes from (``{"train": path, ...}``), for run summaries."""
@@ -239,6 +271,27 @@ class ClassificationDataModule(pl.LightningDataModule):
         if len(lengths) != len(dataset):  # type: ignore[arg-type]
             raise DataError(f"sample_lengths({split!r}) gives {len(lengths)} lengths for {len(dataset)} samples")  # type: ignore[arg-type]
         sampler = LengthOrderedSampler(lengths, self.batch_size, num_replicas=world_size, rank=rank)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+        )
+
+    def ordered_dataloader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Process ``rank``'s share of ``split``, every sample once, not shuffled and without ``batch_augment`` (an
+        image split's per-image ``augment``/``hflip`` is part of its dataset and still applies): the
+        length-ordered :meth:`extraction_dataloader` where lengths are known, else the split in dataset order
+        (cut into the same per-process batches). For passes over a whole split that do not train, such as
+        fitting :class:`tlmodules.FineTuneModule`'s ``contrastive`` head."""
+        loader = self.extraction_dataloader(split, rank, world_size)
+        if loader is not None:
+            return loader
+        if split not in self.datasets:
+            raise DataError(f"no {split} data: set the {split} file or folder of {type(self).__name__}")
+        dataset = self.datasets[split]
+        sampler = LengthOrderedSampler([0] * len(dataset), self.batch_size, num_replicas=world_size, rank=rank)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

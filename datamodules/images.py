@@ -146,7 +146,8 @@ class ImageSamples(Dataset):
 class ImageFolderDataModule(ClassificationDataModule):
     """Images in class folders: ``train_dir/<class>/<image>``, likewise ``val_dir`` and ``test_dir``.
 
-    Without ``val_dir`` a seeded, stratified ``val_fraction`` of the training images is held out.
+    Without ``val_dir`` a seeded, stratified ``val_fraction`` of the training images is held out; unset, a
+    tenth from 500 training images up and none below (:attr:`held_out_fraction`).
     Class names are the training folder's sub-folders, sorted (ImageFolder's convention); a class
     folder in ``val_dir``/``test_dir`` that training lacks is an error. ``predict_dir`` may be a flat
     folder of images; predictions are identified by the image's path relative to it.
@@ -172,7 +173,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         in_channels: int | None = None,
         augment: bool = False,
         hflip: bool = False,
-        val_fraction: float = 0.1,
+        val_fraction: float | None = None,
         seed: int = 0,
         batch_size: int = 32,
         num_workers: int | None = None,
@@ -187,6 +188,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             raise DataError(f"image_size must be positive, got {image_size}")
         self.image_size, self.in_channels, self.augment, self.hflip = image_size, in_channels, augment, hflip
         self.verify_images = verify_images
+        self._training_size: int | None = None
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir, "predict": predict_dir}
         for stage, folder in self.dirs.items():
             if folder is not None and not Path(folder).is_dir():
@@ -223,6 +225,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         root = Path(folder)
         listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in list_images(root)]
         return f"{source}:{root.resolve()}:{hash_json(listing)}:{self.eval_transform!r}"
+
+    def training_size(self) -> int | None:
+        folder = self.dirs["train"]
+        if folder is None:
+            return None
+        if self._training_size is None:
+            self._training_size = sum(len(list_images(d)) for d in Path(folder).iterdir() if d.is_dir())
+        return self._training_size
 
     def prediction_id(self, index: int) -> str:
         """The predicted image's path relative to ``predict_dir``."""
@@ -270,8 +280,8 @@ class ImageFolderDataModule(ClassificationDataModule):
                 self._verify(val_paths)
                 self.datasets["train"] = ImageSamples(paths, labels, self.train_transform)
                 self.datasets["val"] = ImageSamples(val_paths, val_labels, self.eval_transform)
-            elif self.val_fraction > 0:
-                train_idx, val_idx = seeded_split(labels, self.val_fraction, self.seed)
+            elif self.held_out_fraction > 0:
+                train_idx, val_idx = seeded_split(labels, self.held_out_fraction, self.seed)
                 self.datasets["train"] = Subset(ImageSamples(paths, labels, self.train_transform), train_idx)
                 self.datasets["val"] = Subset(ImageSamples(paths, labels, self.eval_transform), val_idx)
             else:

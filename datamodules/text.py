@@ -190,6 +190,9 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     ``baseline`` is read by the TF-IDF baseline callback (:mod:`tlmodules.baseline`), not here.
 
+    Without ``val_file``, ``val_fraction`` of the training texts is held out (seeded, stratified); unset, a
+    tenth from 500 training texts up and none below (:attr:`held_out_fraction`).
+
     Args:
         long_text: ``truncate`` | ``head_tail`` | ``chunks``, what to do with a text longer than ``max_length``.
         head_tokens: text tokens kept from the head under ``head_tail`` (``None``: a quarter of ``budget``,
@@ -217,7 +220,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         weights: str | None = None,
         tokenizer: str | None = None,
         max_length: int | None = None,
-        val_fraction: float = 0.1,
+        val_fraction: float | None = None,
         seed: int = 0,
         batch_size: int = 32,
         num_workers: int | None = 0,
@@ -315,10 +318,14 @@ class TextClassificationDataModule(ClassificationDataModule):
         for name in self.tables:
             encodings, labels = self._encode(tokenizer, name)
             self.datasets[name] = TokenizedTexts(encodings, labels)
-        if "train" in self.datasets and "val" not in self.datasets and self.val_fraction > 0:
+        if "train" in self.datasets and "val" not in self.datasets and self.held_out_fraction > 0:
             full = self.datasets["train"]
-            train_idx, val_idx = seeded_split(full.labels, self.val_fraction, self.seed)
+            train_idx, val_idx = seeded_split(full.labels, self.held_out_fraction, self.seed)
             self.datasets["train"], self.datasets["val"] = Subset(full, train_idx), Subset(full, val_idx)
+
+    def training_size(self) -> int | None:
+        table = self.tables.get("train")
+        return None if table is None else len(table.rows)
 
     def split_texts(self, split: str) -> tuple[list[str], list[int]]:
         """The raw texts of ``split`` (after :meth:`setup`) and their label indices (``IGNORE_INDEX`` for

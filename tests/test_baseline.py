@@ -337,6 +337,7 @@ def test_the_cli_summary_table_shows_the_baseline_and_test_of_a_checkpoint_skips
         *("--data", "datamodules.TextClassificationDataModule", "--data.init_args.batch_size", "8"),
         *("--data.init_args.train_file", str(write_texts(tmp_path / "train.csv", 48, 0))),
         *("--data.init_args.test_file", str(write_texts(tmp_path / "test.csv", 16, 1))),
+        *("--data.init_args.val_fraction", "0.25"),  # 48 texts: no validation split unless asked
         *("--trainer.accelerator", "cpu", "--trainer.max_epochs", "1"),
         *("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"),
     ]

@@ -35,7 +35,7 @@ def split_paths(dm: ImageFolderDataModule, stage: str) -> list[Path]:
 # -- classes and the seeded split ---------------------------------------------------------------
 def test_class_names_are_sorted_subfolders(make_image_folder):
     root = make_image_folder(classes=("zebra", "apple", "mango", "10", "9"), per_class=2)
-    dm = folder_module(root)
+    dm = folder_module(root, val_fraction=0.1)
     assert dm.class_names == ["10", "9", "apple", "mango", "zebra"]  # ImageFolder's plain sort
     assert dm.num_classes == 5
     dm.setup("fit")
@@ -305,3 +305,15 @@ def test_sklearn_digits_split_and_batches():
     again = SklearnDigitsDataModule(seed=3)
     again.setup()
     assert set(again.datasets["test"].indices) == indices["test"]
+
+
+def test_small_image_folders_train_on_every_image_unless_a_validation_share_is_asked(make_image_folder) -> None:
+    root = make_image_folder(per_class=4)
+    automatic = folder_module(root, val_fraction=None)
+    assert automatic.training_size() == 12 and not automatic.has_split("val")
+    automatic.setup("fit")
+    assert len(automatic.datasets["train"]) == 12 and "val" not in automatic.datasets
+    assert "12 training samples" in automatic.validation_note()
+    asked = folder_module(root, val_fraction=0.25)
+    asked.setup("fit")
+    assert len(asked.datasets["val"]) == 3 and asked.validation_note() is None

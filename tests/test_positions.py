@@ -70,7 +70,7 @@ def test_text_datamodule_refuses_max_length_above_the_backbone_positions(
     small = TextClassificationDataModule(train_file=train, backbone=f"hf:{tiny_hf_dir}")
     assert small.max_length == 64 and small.hparams.max_length is None
     small.setup("fit")
-    assert max(len(ids) for ids in small.datasets["train"].dataset.encodings["input_ids"]) <= 64
+    assert max(len(ids) for ids in small.datasets["train"].encodings["input_ids"]) <= 64
 
 
 def test_a_backbone_passed_on_later_is_checked_too(make_text_file, tiny_hf_dir: Path) -> None:

@@ -132,7 +132,7 @@ def test_text_datamodule_groups_training_batches_by_length(tiny_hf_dir: Path, tm
     assert grouped_tokens < 1.2 * real < plain_tokens, (grouped_tokens, real, plain_tokens)
     # the validation loader is untouched: in order
     data = TextClassificationDataModule(
-        train_file=str(path), tokenizer=str(tiny_hf_dir), batch_size=16, group_by_length=True
+        train_file=str(path), tokenizer=str(tiny_hf_dir), batch_size=16, group_by_length=True, val_fraction=0.1
     )
     data.setup("fit")
     val = torch.cat([b["index"] for b in data.val_dataloader()]).tolist()

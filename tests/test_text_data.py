@@ -352,3 +352,25 @@ def test_real_sms_spam():
     full = dm.datasets["train"].dataset
     assert Counter(full.labels) == {0: 4827, 1: 747}
     assert max(len(full[i]["features"]["input_ids"]) for i in range(len(full))) == 64  # truncated
+
+
+@pytest.mark.parametrize(
+    ("rows", "val_fraction", "held_out"), [(40, None, 0), (40, 0.25, 10), (600, None, 60), (600, 0.0, 0)]
+)
+def test_validation_split_is_automatic_unless_asked(
+    make_text_file, tiny_hf_dir, rows: int, val_fraction: float | None, held_out: int
+) -> None:
+    """Unset, ``val_fraction`` holds out a tenth from 500 training texts up and nothing below (a tenth of 40
+    measures nothing); a value given is followed, on any size."""
+    data = TextClassificationDataModule(
+        train_file=str(make_text_file(n=rows)), backbone=f"hf:{tiny_hf_dir}", val_fraction=val_fraction
+    )
+    assert data.training_size() == rows
+    assert data.has_split("val") == bool(held_out)
+    data.setup("fit")
+    assert len(data.datasets["train"]) == rows - held_out
+    assert len(data.datasets.get("val", [])) == held_out
+    note = data.validation_note()
+    assert (note is not None) == (val_fraction is None and not held_out)
+    if note:
+        assert f"{rows} training samples" in note and "val_fraction" in note

@@ -274,9 +274,11 @@ class TransferCLI(LightningCLI):
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor is not None:
                 checkpoint.monitor, checkpoint.save_top_k = None, 0
                 checkpoint.save_last = True
+            note = getattr(self.datamodule, "validation_note", lambda: None)()
+            reason = note or "no validation data (no val file or folder, val_fraction 0)"
             rank_zero_info(
-                "No validation data (no val file or folder, val_fraction 0): training without a "
-                "validation loop; last.ckpt is the checkpoint to use"
+                f"{reason[0].upper()}{reason[1:]}: training without a validation loop; last.ckpt is the "
+                "checkpoint to use"
             )
         return super().instantiate_trainer(**kwargs)
 

@@ -51,9 +51,11 @@ class RunSummary(pl.Callback):
             chosen = dict.fromkeys(shown for name in self.metrics for shown in (name, baseline_counterpart(name)))
             metrics = {name: metrics[name] for name in chosen if name in metrics}
         sources = getattr(trainer.datamodule, "data_sources", None)
+        note = getattr(trainer.datamodule, "validation_note", None)
         return {
             "module": type(pl_module).__name__,
             "data": sources() if callable(sources) else {},
+            "validation_note": note() if callable(note) else None,
             "hparams": {
                 **described,
                 **{name: hp[name] for name in self.hparams if name in hp and name not in described},
@@ -78,6 +80,8 @@ class RunSummary(pl.Callback):
             if self.compare:
                 rows = sibling_summaries(log_dir, summary["module"])
         print(format_table(rows, current=str(log_dir) if log_dir else "this run"), flush=True)
+        if summary["validation_note"]:
+            print(f"Note: {summary['validation_note']}.", flush=True)
 
 
 def baseline_counterpart(metric: str) -> str:
