@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, origin_dict
 from tlmodules.baseline import TfidfBaseline, wants_baseline
+from tlmodules.budget import MinimumSteps
 from tlmodules.errors import ConfigError
 from tlmodules.hardware import PrecisionHardwareCheck
 from tlmodules.outputs import OutputFolderCheck
@@ -168,9 +169,15 @@ class TransferModule(pl.LightningModule):
         keeps its own random stream, carried per process in checkpoints, so a resumed run repeats the
         uninterrupted one (:mod:`tlmodules.random_state`), in the Python API as in the CLI. A datamodule with raw
         texts that asks for it (``baseline: tfidf``, the text datamodule's default) adds a TF-IDF + logistic
-        regression baseline beside the model's metrics (:mod:`tlmodules.baseline`). Lightning calls this after
-        attaching the datamodule and before its ``setup``."""
-        callbacks: list[pl.Callback] = [OutputFolderCheck(), PrecisionHardwareCheck(), TrainingRandomState()]
+        regression baseline beside the model's metrics (:mod:`tlmodules.baseline`). The trainer's ``min_steps`` is a
+        floor on the optimizer steps (:mod:`tlmodules.budget`). Lightning calls this after attaching the
+        datamodule and before its ``setup``."""
+        callbacks: list[pl.Callback] = [
+            OutputFolderCheck(),
+            PrecisionHardwareCheck(),
+            TrainingRandomState(),
+            MinimumSteps(),
+        ]
         trainer = self._trainer
         if trainer is not None and wants_baseline(trainer.datamodule):
             callbacks.append(TfidfBaseline())
