@@ -337,3 +337,24 @@ def test_train_py_under_torchrun_ends_with_the_same_weights_on_both_ranks(tmp_pa
     assert max_diff(ranks[0]["state"], ranks[1]["state"]) == 0.0  # DDP kept the replicas identical
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert max_diff({k: saved[k] for k in ranks[0]["state"]}, ranks[0]["state"]) == 0.0  # the checkpoint holds them
+
+
+def test_contrastive_strategy_shards_batches_and_fits_the_head_on_every_rank_s_samples(tmp_path: Path) -> None:
+    """``strategy="contrastive"`` on two processes: each rank's contrastive loss reads its own half of every
+    epoch (so a pair is seen once), the backbone stays identical across ranks, and the head, fitted from both
+    ranks' shards, equals a logistic regression fitted in one process on all 64 training samples."""
+    r0, r1 = run_ddp(tmp_path / "contrastive", "--contrastive")
+    for epoch in range(3):
+        a, b = r0["seen"][epoch], r1["seen"][epoch]
+        assert not set(a) & set(b) and sorted(a + b) == list(range(NUM_SAMPLES))
+    assert r0["head_fit_samples"] == r1["head_fit_samples"] == NUM_SAMPLES
+    assert r0["head_fitted_step"] == r0["global_step"] == 3 * STEPS_PER_EPOCH
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
+    # the head was fitted on features of one network: rank 0's BatchNorm statistics went to rank 1 first
+    for name in r0["buffers"]:
+        assert torch.equal(r0["buffers"][name], r1["buffers"][name]), f"{name} differs between ranks"
+    moved = [n for n in r0["final"] if n.startswith("backbone") and not torch.equal(r0["final"][n], r0["initial"][n])]
+    assert len(moved) == BACKBONE_PARAMS, "the contrastive loss did not train every backbone parameter"
+    for key in ("weight", "bias"):
+        assert torch.allclose(r0["final"][f"head.net.2.{key}"], r0["reference_head"][key], atol=1e-4)

@@ -16,12 +16,14 @@ EXPECTED_TOP_GROUPS = {
     ("freeze_unfreeze", 1): [0, 3, 3, 3, 3],
     ("lp_ft", 1): [0, 3, 3, 3, 3],
     ("gradual", 1): [0, 1, 2, 3, 3],
+    ("contrastive", 1): [3, 3, 3, 3, 3],  # the whole backbone under the contrastive loss; the head is fitted
     # unfreeze_epoch = 2: the switch moves one epoch later; full/freeze ignore it
     ("full", 2): [3, 3, 3, 3, 3],
     ("freeze", 2): [0, 0, 0, 0, 0],
     ("freeze_unfreeze", 2): [0, 0, 3, 3, 3],
     ("lp_ft", 2): [0, 0, 3, 3, 3],
     ("gradual", 2): [0, 0, 1, 2, 3],
+    ("contrastive", 2): [3, 3, 3, 3, 3],
     # unfreeze_epoch = 0: gradual starts with the top group in epoch 0
     ("freeze_unfreeze", 0): [3, 3, 3, 3, 3],
     ("gradual", 0): [1, 2, 3, 3, 3],

@@ -5,11 +5,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.classification import ClassificationMixin
+from tlmodules.contrastive import (
+    SupervisedContrastiveLoss,
+    embed_split,
+    fit_logistic_head,
+    gather_in_sample_order,
+    share_rank_zero_buffers,
+)
 from tlmodules.errors import ConfigError
 from tlmodules.freezing import LateParameterSync, eval_frozen_submodules
 from tlmodules.heads import ClassificationHead, HeadKind, build_head, check_head
@@ -28,8 +38,15 @@ class FineTuneModule(ClassificationMixin, TransferModule):
 
     Strategies (see :func:`tlmodules.schedules.trainable_top_groups`): ``full``, ``freeze``
     (linear probe), ``freeze_unfreeze`` (head first, everything from ``unfreeze_epoch``),
-    ``gradual`` (ULMFiT: one more layer group per epoch from the top) and ``lp_ft`` (Kumar et al.
-    2022: linear probe, then everything at the backbone's rate, head included).
+    ``gradual`` (ULMFiT: one more layer group per epoch from the top), ``lp_ft`` (Kumar et al.
+    2022: linear probe, then everything at the backbone's rate, head included) and ``contrastive``
+    (for a few labelled examples per class, SetFit-style: Tunstall et al. 2022). Under ``contrastive``
+    every step trains the whole backbone with a supervised contrastive loss on its pooled features
+    ``(B, F)`` (SupCon, Khosla et al. 2020, ``contrastive_temperature``; :mod:`tlmodules.contrastive`),
+    and the linear head, which sees L2-normalised features, is a logistic regression fitted on the
+    training split's features whenever the backbone has moved: before each validation and at each
+    epoch's end, so every checkpoint holds a fitted head. Each fit re-reads the training split once
+    without gradients, a small cost for the few-label data this strategy is for.
 
     Learning rates: the head trains at ``lr``; backbone group ``i`` of ``G`` at
     ``lr · backbone_lr_ratio · layer_decay^(G-1-i)`` (no decay when ``layer_decay`` is unset).
@@ -45,6 +62,7 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         head: ``linear`` or ``mlp`` (one hidden layer of ``head_hidden`` units, with ``dropout``).
         pretrained: fetch the pretrained weights; ``False`` builds the architecture only, for
             weights that a checkpoint will overwrite (``load_from_checkpoint`` does this itself).
+        contrastive_temperature: SupCon's temperature τ under ``strategy="contrastive"``.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         trust_remote_code: bool = False,
         num_features: int | None = None,
         pretrained: bool = True,
+        contrastive_temperature: float = 0.07,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -87,6 +106,18 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         if lr <= 0 or backbone_lr_ratio < 0:
             raise ConfigError(f"lr must be positive and backbone_lr_ratio >= 0, got {lr} and {backbone_lr_ratio}")
         check_head(head, head_hidden)  # an unknown head or a zero-width MLP fails now, not at setup
+        if strategy == "contrastive" and head != "linear":
+            raise ConfigError(
+                f"strategy 'contrastive' fits a logistic-regression head, which is linear; set head: linear "
+                f"(got {head!r})"
+            )
+        if contrastive_temperature <= 0:
+            raise ConfigError(f"contrastive_temperature must be positive, got {contrastive_temperature}")
+        self.contrastive_loss = (
+            SupervisedContrastiveLoss(contrastive_temperature) if strategy == "contrastive" else None
+        )
+        self._head_fitted_step: int | None = None  # contrastive: the global step the head was last fitted at
+        self.head_fit_samples = 0  # contrastive: how many training samples (all processes) the last fit saw
         self.backbone: Backbone = build_backbone(
             backbone,
             weights=weights,
@@ -114,7 +145,14 @@ class FineTuneModule(ClassificationMixin, TransferModule):
     # -- construction -----------------------------------------------------------------------------
     def build_classifier(self, num_classes: int) -> None:
         hp = self.hparams
-        self.head = build_head(hp.head, self.backbone.num_features, num_classes, hp.head_hidden, hp.dropout)
+        self.head = build_head(
+            hp.head,
+            self.backbone.num_features,
+            num_classes,
+            hp.head_hidden,
+            hp.dropout,
+            normalize=hp.strategy == "contrastive",
+        )
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FineTuneModule:
@@ -142,6 +180,9 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             unfrozen = i >= groups - top
             for name in self.backbone.group_names(i):
                 params[name].requires_grad_(unfrozen and (not adapters or name in adapters))
+        if self.head is not None and self.contrastive_loss is not None:
+            # fitted, never trained: frozen, so DDP's reducer expects no gradient for it
+            self.head.requires_grad_(False)
         self._trainable_epoch = epoch
         if self.training:
             self.backbone.train()
@@ -202,9 +243,13 @@ class FineTuneModule(ClassificationMixin, TransferModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, labels = unpack_batch(batch)
-        logits = self(inputs)
-        loss = self.classification_loss(logits, labels)
-        self.log_training(logits, labels, loss)
+        if self.contrastive_loss is not None:
+            loss = self.contrastive_loss(self.features(inputs), labels)
+            self.log("train/contrastive_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        else:
+            logits = self(inputs)
+            loss = self.classification_loss(logits, labels)
+            self.log_training(logits, labels, loss)
         if self.l2sp is not None:
             penalty = self.l2sp.penalty(self.backbone.named_parameters(), self.head.parameters())
             if self.logging_step():
@@ -212,6 +257,43 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             loss = loss + penalty
         self.log_learning_rates()
         return loss
+
+    # -- contrastive strategy: the head is fitted, not trained -------------------------------------
+    def fit_contrastive_head(self) -> int:
+        """Fit the head as a logistic regression on the features of the whole training split (every process's
+        share, read in order, without gradients or batch augmentation). Returns the number of samples fitted on."""
+        trainer = self.trainer
+        make_loader = getattr(trainer.datamodule, "ordered_dataloader", None)
+        if not callable(make_loader):
+            raise ConfigError(
+                "strategy 'contrastive' re-reads the training split to fit its head and needs a tlmodules "
+                "datamodule (trainer.fit(model, datamodule=...)); pass one, or choose another strategy"
+            )
+        loader = make_loader("train", trainer.global_rank, trainer.world_size)
+        batches = (move_data_to_device(batch, self.device) for batch in loader)
+        share_rank_zero_buffers(self.backbone)
+        was_training = self.training
+        self.eval()
+        with isolate_rng(), trainer.precision_plugin.forward_context():  # no draw may shift the training stream
+            features, labels, index = embed_split(self.backbone, batches)
+        self.train(was_training)
+        features, labels = gather_in_sample_order(features, labels, index)
+        with torch.no_grad():
+            fit_logistic_head(self.head.net[-1], features, labels.to(features.device), self.num_classes, seed=0)
+        self._head_fitted_step = trainer.global_step
+        return len(labels)
+
+    def _refit_contrastive_head(self) -> None:
+        if self.contrastive_loss is not None and self._head_fitted_step != self.trainer.global_step:
+            self.head_fit_samples = self.fit_contrastive_head()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._refit_contrastive_head()
+
+    def on_train_epoch_end(self) -> None:
+        self._refit_contrastive_head()  # before ModelCheckpoint saves the epoch
+        super().on_train_epoch_end()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, labels = unpack_batch(batch)
@@ -233,6 +315,7 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             **super().checkpoint_meta(),
             "trainable_epoch": self._trainable_epoch,
             "trainable_top_groups": self.trainable_top_groups(self._trainable_epoch),
+            "head_fitted_step": self._head_fitted_step,
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -246,3 +329,4 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         if self.l2sp is not None and "l2sp_anchor" in checkpoint:
             self.l2sp.load_state_dict(checkpoint["l2sp_anchor"])
         self.apply_trainable(int(meta.get("trainable_epoch", 0)))
+        self._head_fitted_step = meta.get("head_fitted_step")

@@ -21,26 +21,40 @@ def check_head(head: str, hidden: int) -> None:
         raise ConfigError(f"head='mlp' needs head_hidden >= 1, got {hidden}")
 
 
-def build_head(head: str, in_features: int, num_outputs: int, hidden: int, dropout: float) -> ClassificationHead:
+def build_head(
+    head: str, in_features: int, num_outputs: int, hidden: int, dropout: float, normalize: bool = False
+) -> ClassificationHead:
     """The head every technique puts on its features: ``linear``, or ``mlp`` with one hidden layer of
-    ``hidden`` units; ``dropout`` before each linear layer. ``(B, in_features)`` → ``(B, num_outputs)``."""
+    ``hidden`` units; ``dropout`` before each linear layer; ``normalize``: L2-normalise the features first.
+    ``(B, in_features)`` → ``(B, num_outputs)``."""
     check_head(head, hidden)
-    return ClassificationHead(in_features, num_outputs, hidden if head == "mlp" else 0, dropout)
+    return ClassificationHead(in_features, num_outputs, hidden if head == "mlp" else 0, dropout, normalize)
+
+
+class L2Normalize(nn.Module):
+    """Unit-length rows along the last dimension (features compared by cosine similarity)."""
+
+    def forward(self, features: Tensor) -> Tensor:
+        return nn.functional.normalize(features, dim=-1)
 
 
 class ClassificationHead(nn.Module):
-    """Linear (``hidden=0``) or one-hidden-layer MLP classifier.
+    """Linear (``hidden=0``) or one-hidden-layer MLP classifier, optionally on L2-normalised features.
 
     Input ``(B, in_features)`` → logits ``(B, num_classes)``; the same works per token on
     ``(B, T, in_features)``.
     """
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0, normalize: bool = False
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes must be positive, got {num_classes}")
+        first: list[nn.Module] = [L2Normalize()] if normalize else []
         if hidden > 0:
             self.net = nn.Sequential(
+                *first,
                 nn.Dropout(dropout),
                 nn.Linear(in_features, hidden),
                 nn.GELU(),
@@ -48,7 +62,7 @@ class ClassificationHead(nn.Module):
                 nn.Linear(hidden, num_classes),
             )
         else:
-            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+            self.net = nn.Sequential(*first, nn.Dropout(dropout), nn.Linear(in_features, num_classes))
         self.in_features = in_features
         self.num_classes = num_classes
 

@@ -11,23 +11,23 @@ from typing import Literal
 
 from tlmodules.errors import ConfigError
 
-FinetuneStrategy = Literal["full", "freeze", "freeze_unfreeze", "gradual", "lp_ft"]
+FinetuneStrategy = Literal["full", "freeze", "freeze_unfreeze", "gradual", "lp_ft", "contrastive"]
 LRSchedule = Literal["constant", "cosine", "linear", "dann"]
-FINETUNE_STRATEGIES: tuple[str, ...] = ("full", "freeze", "freeze_unfreeze", "gradual", "lp_ft")
+FINETUNE_STRATEGIES: tuple[str, ...] = ("full", "freeze", "freeze_unfreeze", "gradual", "lp_ft", "contrastive")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "dann")
 
 
 def trainable_top_groups(strategy: str, epoch: int, num_groups: int, unfreeze_epoch: int = 1) -> int:
     """How many backbone layer groups, counted from the output side, train during ``epoch``.
 
-    - ``full``: all of them from the start.
+    - ``full`` and ``contrastive`` (whose head is fitted, not trained): all of them from the start.
     - ``freeze``: none (the head alone trains: linear probing).
     - ``freeze_unfreeze`` and ``lp_ft``: none before ``unfreeze_epoch``, all from then on
       (LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022).
     - ``gradual``: one more group per epoch from ``unfreeze_epoch`` on, top group first
       (ULMFiT gradual unfreezing: Howard & Ruder, ACL 2018).
     """
-    if strategy == "full":
+    if strategy in ("full", "contrastive"):
         return num_groups
     if strategy == "freeze":
         return 0

@@ -11,7 +11,8 @@ sample indices it trained on and validated on (per epoch), the metrics it logged
 accuracy and loss over the whole 13-sample validation set, the parameter names recorded outside the reducer, and
 how many parameters each optimizer step synced. ``--save-at-step N`` also writes
 ``OUT_DIR/step<N>.ckpt`` after optimizer step ``N``; ``--resume`` continues from such a checkpoint;
-``--group-by-length`` gives sample ``i`` the length ``LENGTHS[i]`` and trains on length-grouped batches.
+``--group-by-length`` gives sample ``i`` the length ``LENGTHS[i]`` and trains on length-grouped batches;
+``--contrastive`` trains ``strategy="contrastive"`` instead (and records a head fitted in one process).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import lightning.pytorch as pl
 import torch
 from pattern_data import IN_FEATURES, NUM_CLASSES, PatternDataModule, RecordIndices, whole_set_scores
 from torch import nn
+from torch.utils.data import Dataset
 
+from tlmodules.contrastive import fit_logistic_head
 from tlmodules.finetune import FineTuneModule
 
 NUM_SAMPLES = 64
@@ -64,6 +67,18 @@ def params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def reference_head(model: FineTuneModule, data: Dataset) -> dict[str, torch.Tensor]:
+    """A logistic-regression head fitted here, in one process, on the final backbone's features of every
+    training sample: what the contrastive strategy's head, fitted on the shards of both ranks, must equal."""
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(data.inputs)
+    layer = nn.Linear(model.backbone.num_features, NUM_CLASSES)
+    with torch.no_grad():
+        fit_logistic_head(layer, features, data.labels, NUM_CLASSES, seed=0)
+    return {"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -71,6 +86,7 @@ def main() -> None:
     parser.add_argument("--save-at-step", type=int, default=0)
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--group-by-length", action="store_true", help="length-grouped training batches")
+    parser.add_argument("--contrastive", action="store_true", help="strategy='contrastive' (fitted head)")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +95,7 @@ def main() -> None:
     model = FineTuneModule(
         backbone=SmallBackbone(),
         num_classes=NUM_CLASSES,
-        strategy="freeze_unfreeze",
+        strategy="contrastive" if args.contrastive else "freeze_unfreeze",
         unfreeze_epoch=1,
         lr=0.05,
         weight_decay=0.0,
@@ -137,6 +153,10 @@ def main() -> None:
             "trainable_epoch": model._trainable_epoch,
             "train_sampler": type(trainer.train_dataloader.sampler).__name__,
             "lengths": LENGTHS,
+            "head_fit_samples": model.head_fit_samples,
+            "head_fitted_step": model._head_fitted_step,
+            "global_step": trainer.global_step,
+            "reference_head": reference_head(model, data.datasets["train"]) if args.contrastive else {},
         },
         args.out / f"rank{trainer.global_rank}.pt",
     )

@@ -1,0 +1,216 @@
+"""FineTuneModule's ``contrastive`` strategy (SetFit-style few-label training) and its pieces.
+
+The two-process run lives in tests/test_distributed.py (``--contrastive``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_trainer
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from datamodules import TextClassificationDataModule
+from tlmodules import FineTuneModule
+from tlmodules.contrastive import SupervisedContrastiveLoss, fit_logistic_head
+from tlmodules.errors import ConfigError
+
+
+def supcon_by_hand(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Khosla et al. 2020, eq. 2 (L_out): the mean over anchors with a positive of
+    ``-1/|P(i)| Σ_p log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )`` on unit-length ``z``."""
+    z = F.normalize(embeddings, dim=-1)
+    logits = z @ z.T / temperature
+    losses = []
+    for i in range(len(z)):
+        others = [a for a in range(len(z)) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue
+        log_denominator = torch.logsumexp(logits[i, others], dim=0)
+        losses.append(-torch.stack([logits[i, p] - log_denominator for p in positives]).mean())
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_supervised_contrastive_loss_is_khosla_et_al_eq_2(temperature: float) -> None:
+    torch.manual_seed(0)
+    embeddings = torch.randn(10, 6) * 3
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 3, 1])  # class 3 has no partner: that anchor adds nothing
+    loss = SupervisedContrastiveLoss(temperature)(embeddings, labels)
+    assert torch.allclose(loss, supcon_by_hand(embeddings, labels, temperature), rtol=1e-4)
+
+
+def test_supervised_contrastive_gradient_pulls_classes_together_and_apart() -> None:
+    torch.manual_seed(0)
+    embeddings = torch.randn(12, 8, requires_grad=True)
+    labels = torch.arange(12) % 3
+    loss_fn = SupervisedContrastiveLoss(0.1)
+
+    def similarities(z: torch.Tensor) -> tuple[float, float]:
+        cos = F.normalize(z, dim=-1) @ F.normalize(z, dim=-1).T
+        same = (labels[:, None] == labels[None, :]) & ~torch.eye(12, dtype=torch.bool)
+        different = labels[:, None] != labels[None, :]
+        return float(cos[same].mean()), float(cos[different].mean())
+
+    before = similarities(embeddings.detach())
+    optimizer = torch.optim.SGD([embeddings], lr=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss_fn(embeddings, labels).backward()
+        optimizer.step()
+    after = similarities(embeddings.detach())
+    assert after[0] > before[0] + 0.3 and after[1] < before[1] - 0.1, (before, after)
+
+
+def test_a_batch_without_same_class_pairs_gives_zero_loss_with_a_graph() -> None:
+    embeddings = torch.randn(4, 5, requires_grad=True)
+    loss = SupervisedContrastiveLoss()(embeddings, torch.arange(4))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.count_nonzero(embeddings.grad) == 0
+
+
+def test_fitted_logistic_head_reproduces_scikit_learn_on_normalised_features() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(60, 7) * 4 + torch.arange(60)[:, None] % 3
+    labels = torch.arange(60) % 3
+    layer = nn.Linear(7, 4)  # a fourth class the data lacks
+    with torch.no_grad():
+        fit_logistic_head(layer, features, labels, num_classes=4, seed=0)
+    reference = LogisticRegression(max_iter=2000).fit(F.normalize(features, dim=-1).double().numpy(), labels.numpy())
+    probs = layer(F.normalize(features, dim=-1)).softmax(-1)
+    expected = reference.predict_proba(F.normalize(features, dim=-1).double().numpy())
+    assert torch.allclose(probs[:, :3], torch.from_numpy(expected).float(), atol=1e-4)
+    assert probs[:, 3].max() < 1e-6
+
+
+# -- the strategy, end to end on the tiny BERT ------------------------------------------------------------------
+@pytest.fixture
+def few_label_data(tiny_hf_dir: Path, make_text_file) -> TextClassificationDataModule:
+    """24 training sentences (12 per class): below 500, so no validation split is taken unless asked."""
+    return TextClassificationDataModule(
+        train_file=str(make_text_file("train.tsv", n=24)),
+        test_file=str(make_text_file("test.tsv", n=16, seed=1)),
+        backbone=f"hf:{tiny_hf_dir}",
+        max_length=16,
+        batch_size=8,
+        baseline="none",
+    )
+
+
+def contrastive_model(tiny_hf_dir: Path) -> FineTuneModule:
+    return FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", lr=1e-3, lr_schedule="constant")
+
+
+def training_features(model: FineTuneModule, data: TextClassificationDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    features, labels = [], []
+    with torch.no_grad():
+        for batch in data.ordered_dataloader("train"):
+            features.append(model.backbone(batch["inputs"]))
+            labels.append(batch["labels"])
+    return torch.cat(features), torch.cat(labels)
+
+
+def test_contrastive_trains_the_backbone_only_and_fits_the_head_on_the_final_features(
+    tiny_hf_dir: Path, few_label_data: TextClassificationDataModule, tmp_path: Path
+) -> None:
+    model = contrastive_model(tiny_hf_dir)
+    initial = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    trainer = make_trainer(max_steps=9, max_epochs=None, default_root_dir=tmp_path, enable_checkpointing=True)
+    trainer.fit(model, datamodule=few_label_data)
+
+    assert not few_label_data.has_split("val") and few_label_data.validation_note() is not None
+    assert trainer.global_step == 9 and model._head_fitted_step == 9 and model.head_fit_samples == 24
+    assert not any(p.requires_grad for p in model.head.parameters()), "the head is fitted, not trained"
+    moved = [n for n, p in model.backbone.named_parameters() if not torch.equal(p, initial[n])]
+    assert len(moved) > 0.9 * len(initial), "the contrastive loss did not reach the backbone"
+    assert trainer.callback_metrics["train/contrastive_loss"] > 0
+
+    # the head is a logistic regression on the final backbone's (normalised) training features
+    features, labels = training_features(model, few_label_data)
+    reference = LogisticRegression(max_iter=2000).fit(F.normalize(features, dim=-1).double().numpy(), labels.numpy())
+    expected = torch.from_numpy(reference.predict_proba(F.normalize(features, dim=-1).double().numpy())).float()
+    assert torch.allclose(model.head(features).softmax(-1), expected, atol=1e-4)
+
+    # what the checkpoint holds predicts the same
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    assert torch.load(checkpoint, weights_only=True)["tlmodules"]["head_fitted_step"] == 9
+    restored = FineTuneModule.load_from_checkpoint(checkpoint, weights_only=True)
+    restored.eval()
+    few_label_data.setup("test")
+    batch = next(iter(few_label_data.test_dataloader()))
+    with torch.no_grad():
+        assert torch.allclose(restored(batch["inputs"]), model.eval()(batch["inputs"]), atol=1e-5)
+
+
+def test_contrastive_separates_the_classes_of_the_training_sentences(
+    tiny_hf_dir: Path, few_label_data: TextClassificationDataModule, tmp_path: Path
+) -> None:
+    """The point of the stage: same-class training features end closer together than before, relative to
+    different-class ones."""
+    model = contrastive_model(tiny_hf_dir)
+    few_label_data.setup("fit")
+
+    def margin() -> float:
+        features, labels = training_features(model, few_label_data)
+        cos = F.normalize(features, dim=-1) @ F.normalize(features, dim=-1).T
+        same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool)
+        return float(cos[same].mean() - cos[labels[:, None] != labels[None, :]].mean())
+
+    before = margin()
+    make_trainer(max_steps=30, max_epochs=None, default_root_dir=tmp_path).fit(model, datamodule=few_label_data)
+    assert margin() > before + 0.1, (before, margin())
+
+
+def test_contrastive_refits_the_head_before_each_validation(tiny_hf_dir: Path, make_text_file, tmp_path: Path) -> None:
+    data = TextClassificationDataModule(
+        train_file=str(make_text_file("train.tsv", n=24)),
+        val_file=str(make_text_file("val.tsv", n=10, seed=2)),
+        backbone=f"hf:{tiny_hf_dir}",
+        max_length=16,
+        batch_size=8,
+        baseline="none",
+    )
+    model = contrastive_model(tiny_hf_dir)
+    fitted_at: list[int] = []
+    original = model.fit_contrastive_head
+
+    def recording() -> int:
+        fitted_at.append(model.trainer.global_step)
+        return original()
+
+    model.fit_contrastive_head = recording
+    make_trainer(max_epochs=2, num_sanity_val_steps=1, default_root_dir=tmp_path).fit(model, datamodule=data)
+    # the sanity check (step 0), then once per epoch (validation and the epoch's end share the fit)
+    assert fitted_at == [0, 3, 6]
+
+
+def test_contrastive_needs_a_linear_head_and_a_datamodule(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="head: linear"):
+        FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", head="mlp")
+    with pytest.raises(ConfigError, match="contrastive_temperature"):
+        FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", contrastive_temperature=0.0)
+    model = FineTuneModule(backbone="builtin:lenet", weights="none", strategy="contrastive", num_classes=2)
+    images = torch.randn(8, 3, 28, 28)
+    loader = torch.utils.data.DataLoader([{"inputs": x, "labels": i % 2} for i, x in enumerate(images)], batch_size=4)
+    with pytest.raises(ConfigError, match="datamodule"):
+        make_trainer(max_steps=1, default_root_dir=tmp_path).fit(model, train_dataloaders=loader)
+
+
+def test_contrastive_works_on_an_image_backbone(make_image_folder, tmp_path: Path) -> None:
+    from datamodules import ImageFolderDataModule
+
+    data = ImageFolderDataModule(
+        train_dir=str(make_image_folder(per_class=6)), backbone="builtin:lenet", weights="none", batch_size=6
+    )
+    model = FineTuneModule(backbone="builtin:lenet", weights="none", strategy="contrastive", lr=1e-3)
+    make_trainer(max_steps=4, max_epochs=None, default_root_dir=tmp_path).fit(model, datamodule=data)
+    assert model.head_fit_samples == data.training_size() and model._head_fitted_step == 4
+    assert math.isfinite(float(model.head.net[-1].weight.abs().sum()))

@@ -1,0 +1,93 @@
+"""The pieces of the few-label ``contrastive`` fine-tuning strategy (SetFit-style).
+
+SetFit (Tunstall et al., "Efficient Few-Shot Learning Without Prompts", 2022) fine-tunes a sentence encoder so
+that same-class examples embed close together and different-class ones apart, then fits a logistic regression on
+the tuned embeddings. Here the first part is the supervised contrastive loss over each batch (SupCon: Khosla et
+al., "Supervised Contrastive Learning", NeurIPS 2020), taken from pytorch-metric-learning: every same-class pair
+of a batch is a positive, every other pair a negative, so a batch of ``B`` examples yields ``B·(B-1)`` ordered
+pairs, where SetFit's pair sampling pays two encoder passes per pair. The second part is :func:`fit_logistic_head`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tlmodules.estimators import fit_estimator, linear_head_parameters, make_estimator
+
+
+class SupervisedContrastiveLoss(nn.Module):
+    """SupCon over one batch: embeddings ``(B, F)`` (any scale; compared by cosine similarity) and class
+    labels ``(B,)`` → a scalar. Anchors without a same-class partner in the batch add nothing; a batch without
+    any same-class pair gives zero (with a graph, so every process still runs backward under DDP)."""
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        from pytorch_metric_learning.losses import SupConLoss
+
+        self.temperature = temperature
+        self.loss = SupConLoss(temperature=temperature)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        embeddings = embeddings.float()  # the similarity's exp(·/τ) is not bf16-safe
+        return self.loss(embeddings, labels) + 0.0 * embeddings.sum()
+
+
+def share_rank_zero_buffers(module: nn.Module) -> None:
+    """Copy process 0's buffers (BatchNorm running statistics) to every process (collective; no-op alone).
+
+    DDP keeps the parameters identical across processes but lets each update its own running statistics from its
+    own batches (it broadcasts process 0's only at the start of the next wrapped forward). Features that the
+    processes compute outside that forward and then pool must come from one network: process 0's, which is the
+    one checkpoints save."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def gather_in_sample_order(features: Tensor, labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Every process's ``(N_i, F)`` features and ``(N_i,)`` labels (collective; moves through the CPU: a few-label
+    training set is small), sorted by the samples' dataset ``index`` ``(N_i,)``: the order, and so the fitted
+    head, does not depend on the number of processes or on how the split was cut into batches."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (features.cpu(), labels.cpu(), index.cpu()))
+        features = torch.cat([f for f, _, _ in gathered]).to(features.device)
+        labels = torch.cat([y for _, y, _ in gathered]).to(labels.device)
+        index = torch.cat([i for _, _, i in gathered])
+    order = torch.argsort(index.cpu(), stable=True).to(features.device)
+    return features[order], labels[order]
+
+
+@torch.no_grad()
+def embed_split(backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor]:
+    """The backbone's pooled features ``(N, F)``, the labels ``(N,)`` and the dataset indices ``(N,)`` of every
+    ``{"inputs", "labels", "index"}`` batch (positions in reading order where a batch has no ``index``)."""
+    features, labels, indices = [], [], []
+    seen = 0
+    for batch in batches:
+        batch_features = backbone(batch["inputs"]).float()
+        features.append(batch_features)
+        labels.append(batch["labels"])
+        index = batch.get("index")
+        indices.append(index if index is not None else torch.arange(seen, seen + len(batch_features)))
+        seen += len(batch_features)
+    if not features:
+        empty = torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, backbone.num_features), empty, empty
+    return torch.cat(features), torch.cat(labels), torch.cat(indices).long()
+
+
+def fit_logistic_head(layer: nn.Linear, features: Tensor, labels: Tensor, num_classes: int, seed: int) -> None:
+    """Fit scikit-learn's logistic regression (defaults, as SetFit) on L2-normalised ``features`` ``(N, F)`` and
+    copy it into ``layer`` (``Linear(F, num_classes)``): its logits then equal the estimator's decision function.
+    A class missing from ``labels`` gets a bias that keeps it from being predicted."""
+    estimator = fit_estimator(make_estimator("logistic_regression", seed=seed), F.normalize(features, dim=-1), labels)
+    weight, bias = linear_head_parameters(estimator, num_classes)
+    layer.weight.copy_(weight.to(layer.weight))
+    layer.bias.copy_(bias.to(layer.bias))
