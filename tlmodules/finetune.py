@@ -44,9 +44,9 @@ class FineTuneModule(ClassificationMixin, TransferModule):
     every step trains the whole backbone with a supervised contrastive loss on its pooled features
     ``(B, F)`` (SupCon, Khosla et al. 2020, ``contrastive_temperature``; :mod:`tlmodules.contrastive`),
     and the linear head, which sees L2-normalised features, is a logistic regression fitted on the
-    training split's features whenever the backbone has moved: before each validation and at each
-    epoch's end, so every checkpoint holds a fitted head. Each fit re-reads the training split once
-    without gradients, a small cost for the few-label data this strategy is for.
+    training split's features whenever the backbone has moved and the head is needed: before each
+    validation, when a checkpoint is written and when training ends. Each fit re-reads the training
+    split once without gradients, a small cost for the few-label data this strategy is for.
 
     Learning rates: the head trains at ``lr``; backbone group ``i`` of ``G`` at
     ``lr · backbone_lr_ratio · layer_decay^(G-1-i)`` (no decay when ``layer_decay`` is unset).
@@ -288,12 +288,12 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             self.head_fit_samples = self.fit_contrastive_head()
 
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == TrainerFn.FITTING:
+        # not for the sanity check: nothing has trained yet, and its metrics are not kept
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             self._refit_contrastive_head()
 
-    def on_train_epoch_end(self) -> None:
-        self._refit_contrastive_head()  # before ModelCheckpoint saves the epoch
-        super().on_train_epoch_end()
+    def on_train_end(self) -> None:
+        self._refit_contrastive_head()  # the model the fit hands back (a run cut short by max_steps included)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, labels = unpack_batch(batch)
@@ -320,6 +320,17 @@ class FineTuneModule(ClassificationMixin, TransferModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        if (
+            self.contrastive_loss is not None
+            and self._trainer is not None
+            and self.trainer.state.fn == TrainerFn.FITTING
+        ):
+            # every process builds the checkpoint, so the fit's collectives line up; Lightning collected the state
+            # dict before this hook, so the refitted head goes in by hand
+            self._refit_contrastive_head()
+            checkpoint["tlmodules"]["head_fitted_step"] = self._head_fitted_step
+            for name, value in self.head.state_dict().items():
+                checkpoint["state_dict"][f"head.{name}"] = value.detach().clone()
         if self.l2sp is not None:
             checkpoint["l2sp_anchor"] = self.l2sp.state_dict()
 
