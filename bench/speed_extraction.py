@@ -37,24 +37,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 
-from bench.common import MINILM, ROOT, SHARED, read_tsv, sample, write_tsv
+from bench.common import MINILM, ROOT, SHARED, read_tsv, recipe_arguments, sample, write_tsv
 from bench.timing import alternate
 
 GOAL = 1.0
 RECIPE = ROOT / "configs" / "minilm_probe.yaml"
-# the recipe's arguments that name its own data file and cache folder; everything else is kept
-DATA_FILE_ARGS = ("train_file", "val_file", "test_file", "predict_file", "text_column", "label_column", "header")
-
-
-def recipe_arguments() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The minilm_probe recipe's model, datamodule and trainer arguments, minus its data file and cache."""
-    recipe = yaml.safe_load(RECIPE.read_text())
-    model = {k: v for k, v in recipe["model"]["init_args"].items() if k != "cache_dir"}
-    data = {k: v for k, v in recipe["data"]["init_args"].items() if k not in DATA_FILE_ARGS}
-    trainer = {k: v for k, v in recipe["trainer"].items() if k in ("max_epochs", "precision")}
-    return model, data, trainer
 
 
 def model_folder() -> str:
@@ -92,7 +80,7 @@ def tlmodules_round(train_file: Path, device: str, results: list[dict[str, Any]]
     from datamodules.text import TextClassificationDataModule
     from tlmodules import FeatureProbeModule
 
-    model_args, data_args, trainer_args = recipe_arguments()
+    model_args, data_args, trainer_args = recipe_arguments(RECIPE)
 
     def run() -> float:
         pl.seed_everything(0)
@@ -170,7 +158,7 @@ def probe_extraction_vs_sentence_transformers(args: argparse.Namespace) -> dict[
     assert sorted(features) == list(range(count)), "the probe did not extract every sentence"
     mine = torch.nn.functional.normalize(torch.stack([features[i] for i in range(count)]), dim=-1)
     cosine = (mine * theirs[-1]).sum(-1)
-    _, data_args, _ = recipe_arguments()
+    _, data_args, _ = recipe_arguments(RECIPE)
     return {
         "figure": "probe_extraction_vs_sentence_transformers",
         "value": round(value, 2),
