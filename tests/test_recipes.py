@@ -31,6 +31,8 @@ SHARED = "../shared/data"  # as the recipes write it: relative to the project fo
 PREDICT_BATCHES = 3
 
 TINY = [
+    "--trainer.min_steps",  # a recipe's floor on steps would outlast the two batches
+    "null",
     "--trainer.max_epochs",
     "1",
     "--trainer.limit_train_batches",
@@ -65,6 +67,9 @@ PLANS: dict[str, Plan] = {
         "validate", ["--data.init_args.predict_file", f"{SHARED}/tabular/energy_efficiency/ENB2012_data.csv"]
     ),
     "minilm_finetune": Plan(
+        "validate", ["--data.init_args.predict_file", f"{SHARED}/text/uci_sentences/amazon_cells_labelled.txt"]
+    ),
+    "minilm_few_shot": Plan(
         "validate", ["--data.init_args.predict_file", f"{SHARED}/text/uci_sentences/amazon_cells_labelled.txt"]
     ),
     "minilm_probe": Plan("validate", ["--data.init_args.predict_file", f"{SHARED}/text/sms_spam/SMSSpamCollection"]),
