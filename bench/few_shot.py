@@ -1,0 +1,223 @@
+"""Few labels: K labelled sentences per class, tlmodules' recipes side by side with SetFit.
+
+Sets (``--sets``): ``sst2`` (K per class drawn from SST-2's ``train.tsv``; test = its 872 ``test.tsv``
+sentences), ``yelp`` and ``amazon`` (the UCI sentences: test = the file's last 200 lines, K per class drawn from
+the rest). K ∈ ``--ks`` (8, 16, 64), seeds ``--seeds`` (0–4): seed ``s`` draws the K sentences of each class
+with ``random.Random(s)``, the same sentences for every method.
+
+Methods (``--methods``), the shipped recipes with only their data file changed, on all 2K sentences (none held
+out: below 500 training texts the datamodules take no validation split unless asked):
+
+- ``probe``: ``configs/minilm_probe.yaml``, frozen MiniLM features + logistic regression;
+- ``finetune``: ``configs/minilm_finetune.yaml``, full fine-tuning (its ``min_steps`` floor included);
+- ``contrastive``: ``configs/minilm_few_shot.yaml``, FineTuneModule ``strategy: contrastive`` (supervised
+  contrastive steps on the backbone, then a logistic-regression head);
+- ``setfit``: SetFit (Tunstall et al. 2022) on the same all-MiniLM-L6-v2 folder: ``num_iterations=20``,
+  ``num_epochs=1``, batch 16 and its other defaults (body 2e-5, logistic-regression head). SetFit is a
+  benchmark-only dependency (``pip install -e '.[bench]'``); the library never imports it.
+
+``seconds`` is the training wall time per run (the fit: for tlmodules' methods ``Trainer.fit``, tokenisation and
+the probe's extraction included; for SetFit ``Trainer.train``), in this process with ``--threads`` torch threads.
+Each finished run appends one line to ``bench/results/few_shot.runs.jsonl``; the report, rebuilt from every run
+there (``--report`` alone rebuilds it), is ``bench/results/few_shot.json``:
+``{"results": {"<set>": {"<K>": {"<method>": {"mean": …, "std": …, "seconds": …, "runs": n}}}}, "meta": {…}}``
+(mean and std of test accuracy over the seeds, std with ``ddof=0``; seconds = mean per run).
+
+    python bench/few_shot.py --threads 1                                    # everything (hours on one core)
+    python bench/few_shot.py --sets sst2 --ks 8 64 --seeds 0 1 2 --methods contrastive setfit
+    python bench/few_shot.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from bench.common import (  # noqa: E402
+    MINILM,
+    RESULTS,
+    ROOT,
+    SHARED,
+    Row,
+    commit,
+    cpu_model,
+    quiet_trainer,
+    read_tsv,
+    recipe_arguments,
+    write_tsv,
+)
+
+TEXT = SHARED / "text"
+RUNS = RESULTS / "few_shot.runs.jsonl"
+REPORT = RESULTS / "few_shot.json"
+RECIPES = {
+    "probe": ROOT / "configs" / "minilm_probe.yaml",
+    "finetune": ROOT / "configs" / "minilm_finetune.yaml",
+    "contrastive": ROOT / "configs" / "minilm_few_shot.yaml",
+}
+METHODS = (*RECIPES, "setfit")
+UCI_TEST_SIZE = 200
+
+
+def pool_and_test(name: str) -> tuple[list[Row], list[Row]]:
+    """The sentences K are drawn from, and the test sentences."""
+    if name == "sst2":
+        return (
+            read_tsv(TEXT / "sst2" / "train.tsv", 0, 1, header=True),
+            read_tsv(TEXT / "sst2" / "test.tsv", 0, 1, header=True),
+        )
+    rows = read_tsv(TEXT / "uci_sentences" / f"{'amazon_cells' if name == 'amazon' else name}_labelled.txt", 0, 1)
+    return rows[:-UCI_TEST_SIZE], rows[-UCI_TEST_SIZE:]
+
+
+def draw(pool: list[Row], k: int, seed: int) -> list[Row]:
+    """K sentences of each class, drawn with ``random.Random(seed)`` (classes in sorted order)."""
+    rng = random.Random(seed)
+    chosen: list[Row] = []
+    for label in sorted({y for _, y in pool}):
+        chosen += rng.sample([row for row in pool if row[1] == label], k)
+    return chosen
+
+
+def run_recipe(method: str, train: Path, test: Path) -> tuple[float, float]:
+    """Fit the method's recipe on ``train``; (test accuracy, fit seconds)."""
+    import lightning.pytorch as pl
+
+    from datamodules import TextClassificationDataModule
+    from tlmodules import FeatureProbeModule, FineTuneModule
+
+    model_args, data_args, trainer_args = recipe_arguments(RECIPES[method])
+    pl.seed_everything(0, workers=True)
+    # write_tsv's files: no header, sentences with quote marks; the CLI links the backbone, here it is passed
+    data_args = {**data_args, "quoting": False, "backbone": MINILM}
+    data = TextClassificationDataModule(
+        train_file=str(train), test_file=str(test), text_column=0, label_column=1, **data_args
+    )
+    model_args = {**model_args, "backbone": MINILM}
+    model = FeatureProbeModule(**model_args) if method == "probe" else FineTuneModule(**model_args)
+    budget = {key: trainer_args[key] for key in ("max_steps", "min_steps", "precision") if key in trainer_args}
+    trainer = quiet_trainer(trainer_args.get("max_epochs"), **budget)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"]
+    return float(accuracy), seconds
+
+
+def run_setfit(train: list[Row], test: list[Row]) -> tuple[float, float]:
+    """SetFit 1 epoch of 20 pair iterations on ``train``; (test accuracy, training seconds)."""
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    from bench.speed_extraction import model_folder
+
+    model = SetFitModel.from_pretrained(model_folder())
+    arguments = TrainingArguments(num_iterations=20, num_epochs=1, batch_size=16, seed=0, report_to="none")
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=Dataset.from_dict({"text": [t for t, _ in train], "label": [y for _, y in train]}),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    predicted = model.predict([t for t, _ in test])
+    accuracy = sum(str(p) == y for p, (_, y) in zip(predicted, test)) / len(test)
+    return float(accuracy), seconds
+
+
+def report() -> dict[str, Any]:
+    """Mean ± std over seeds per set, K and method, from every run in the runs file (the latest run of a
+    (set, K, method, seed) counts)."""
+    latest: dict[tuple, dict] = {}
+    for line in RUNS.read_text().splitlines() if RUNS.exists() else []:
+        run = json.loads(line)
+        latest[(run["set"], run["k"], run["method"], run["seed"])] = run
+    grouped: dict[tuple, list[dict]] = {}
+    for (name, k, method, _), run in sorted(latest.items()):
+        grouped.setdefault((name, k, method), []).append(run)
+    results: dict[str, Any] = {}
+    for (name, k, method), runs in grouped.items():
+        accuracies = [r["accuracy"] for r in runs]
+        results.setdefault(name, {}).setdefault(str(k), {})[method] = {
+            "mean": round(statistics.fmean(accuracies), 4),
+            "std": round(statistics.pstdev(accuracies), 4),
+            "seconds": round(statistics.fmean(r["seconds"] for r in runs), 1),
+            "runs": len(runs),
+            "seeds": sorted(r["seed"] for r in runs),
+            "commits": sorted({r["commit"] for r in runs}),
+        }
+    meta = {
+        "threads": sorted({r["threads"] for r in latest.values()}),
+        "dates": sorted({r["date"] for r in latest.values()}),
+    }
+    return {"results": results, "meta": {**meta, "cpu": cpu_model()}}
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print("\n| set | K | " + " | ".join(METHODS) + " |")
+    print("|---|---|" + "---|" * len(METHODS))
+    for name, by_k in summary["results"].items():
+        for k, rows in sorted(by_k.items(), key=lambda item: int(item[0])):
+            cells = [
+                f"{rows[m]['mean']:.3f} ± {rows[m]['std']:.3f} ({rows[m]['seconds']:.0f} s, {rows[m]['runs']})"
+                if m in rows
+                else "—"
+                for m in METHODS
+            ]
+            print(f"| {name} | {k} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=["sst2", "yelp", "amazon"], choices=["sst2", "yelp", "amazon"])
+    parser.add_argument("--ks", nargs="+", type=int, default=[8, 16, 64])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set deliberately)")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
+    args = parser.parse_args()
+    if not args.report:
+        import torch
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(args.threads)
+        stamp = {"commit": commit(), "date": date.today().isoformat(), "threads": args.threads}
+        for name in args.sets:
+            pool, test = pool_and_test(name)
+            for k in args.ks:
+                for seed in args.seeds:
+                    train = draw(pool, k, seed)
+                    with tempfile.TemporaryDirectory() as scratch:
+                        files = (
+                            write_tsv(train, Path(scratch) / "train.tsv"),
+                            write_tsv(test, Path(scratch) / "test.tsv"),
+                        )
+                        for method in args.methods:
+                            accuracy, seconds = (
+                                run_setfit(train, test) if method == "setfit" else run_recipe(method, *files)
+                            )
+                            run = {"set": name, "k": k, "seed": seed, "method": method, "accuracy": round(accuracy, 4),
+                                   "seconds": round(seconds, 1), **stamp}  # fmt: skip
+                            print(json.dumps(run), flush=True)
+                            RUNS.parent.mkdir(parents=True, exist_ok=True)
+                            with RUNS.open("a") as handle:
+                                handle.write(json.dumps(run) + "\n")
+    summary = report()
+    REPORT.write_text(json.dumps(summary, indent=2) + "\n")
+    print_table(summary)
+
+
+if __name__ == "__main__":
+    main()
