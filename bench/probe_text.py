@@ -12,7 +12,8 @@ first probe run pays the extraction (reported as ``extraction_seconds``), the ot
 a user's second run would. Also measures the cached probe against one that re-runs the frozen
 backbone every epoch (10 epochs, same data, same process).
 
-Writes bench/results/probe_text.json: ``results[dataset][method] = {accuracy, macro_f1, seconds}``,
+Writes bench/results/probe_text.json: ``results[dataset][method] = {accuracy, macro_f1, seconds}`` (and the
+dataset's ``_stamp``: commit, date, threads, CPU),
 ``extraction_seconds[dataset]``, ``cache_speedup_10_epochs`` and the torch thread count.
 """
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -40,6 +42,8 @@ from bench.common import (  # noqa: E402
     RESULTS,
     SHARED,
     Row,
+    commit,
+    cpu_model,
     minilm_finetune_module,
     quiet_trainer,
     read_csv,
@@ -210,6 +214,8 @@ def main() -> None:
             if name in FINETUNE_DATASETS and not args.no_finetune:
                 rows["finetune_full"] = finetune(files)
             rows["_sizes"] = {"train": len(train), "test": len(test)}
+            rows["_stamp"] = {"commit": commit(), "date": date.today().isoformat(), "threads": args.threads}
+            rows["_stamp"]["cpu"] = cpu_model()
             report["results"][name] = rows
             print(name, json.dumps(rows), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
