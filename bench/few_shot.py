@@ -114,7 +114,7 @@ def run_recipe(method: str, train: Path, test: Path) -> tuple[float, float]:
     return float(accuracy), seconds
 
 
-def run_setfit(train: list[Row], test: list[Row]) -> tuple[float, float]:
+def run_setfit(train: list[Row], test: list[Row], scratch: Path) -> tuple[float, float]:
     """SetFit 1 epoch of 20 pair iterations on ``train``; (test accuracy, training seconds)."""
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
@@ -122,7 +122,9 @@ def run_setfit(train: list[Row], test: list[Row]) -> tuple[float, float]:
     from bench.speed_extraction import model_folder
 
     model = SetFitModel.from_pretrained(model_folder())
-    arguments = TrainingArguments(num_iterations=20, num_epochs=1, batch_size=16, seed=0, report_to="none")
+    arguments = TrainingArguments(
+        output_dir=str(scratch / "setfit"), num_iterations=20, num_epochs=1, batch_size=16, seed=0, report_to="none"
+    )
     trainer = Trainer(
         model=model,
         args=arguments,
@@ -206,7 +208,9 @@ def main() -> None:
                         )
                         for method in args.methods:
                             accuracy, seconds = (
-                                run_setfit(train, test) if method == "setfit" else run_recipe(method, *files)
+                                run_setfit(train, test, Path(scratch))
+                                if method == "setfit"
+                                else run_recipe(method, *files)
                             )
                             run = {"set": name, "k": k, "seed": seed, "method": method, "accuracy": round(accuracy, 4),
                                    "seconds": round(seconds, 1), **stamp}  # fmt: skip
