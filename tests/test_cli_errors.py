@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 DIGITS = "configs/digits_finetune.yaml"  # FineTuneModule(builtin:lenet) + SklearnDigitsDataModule
 MINILM = "configs/minilm_finetune.yaml"  # FineTuneModule(MiniLM) + TextClassificationDataModule (headerless TSV)
 PROBE = "configs/minilm_probe.yaml"  # FeatureProbeModule + TextClassificationDataModule
+FEW_SHOT = "configs/minilm_few_shot.yaml"  # FineTuneModule(strategy=contrastive, MiniLM) + TextClassificationDataModule
 RESNET = "configs/resnet18_finetune.yaml"  # FineTuneModule(torchvision:resnet18) + ImageFolderDataModule
 QUICKSTART = "configs/quickstart.yaml"  # DANNModule + DigitsDomainDataModule
 FOLDERS = "configs/dann_folders.yaml"  # DANNModule + DomainAdaptationDataModule of two ImageFolderDataModules
@@ -225,6 +226,13 @@ CASES = [
     # -- values ---------------------------------------------------------------------------------------------------
     pytest.param(
         Bad(fit(DIGITS, "--model.init_args.lr", "-1"), r"FineTuneModule: lr must be positive.*-1"), id="negative-lr"
+    ),
+    pytest.param(
+        Bad(
+            fit(FEW_SHOT, "--model.init_args.head", "mlp"),
+            r"FineTuneModule: strategy 'contrastive' fits a .*head: linear",
+        ),
+        id="contrastive-with-an-mlp-head",
     ),
     pytest.param(
         Bad(fit(DIGITS, "--data.init_args.val_fraction", "1.5"), r"val_fraction must be in \[0, 1\), got 1\.5"),
