@@ -270,6 +270,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         if len(lengths) != len(dataset):  # type: ignore[arg-type]
             raise DataError(f"sample_lengths({split!r}) gives {len(lengths)} lengths for {len(dataset)} samples")  # type: ignore[arg-type]
+        return self._length_ordered_loader(dataset, lengths, rank, world_size)
+
+    def _length_ordered_loader(
+        self, dataset: Dataset, lengths: Sequence[int], rank: int, world_size: int
+    ) -> DataLoader:
         sampler = LengthOrderedSampler(lengths, self.batch_size, num_replicas=world_size, rank=rank)
         return DataLoader(
             dataset,
@@ -291,14 +296,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise DataError(f"no {split} data: set the {split} file or folder of {type(self).__name__}")
         dataset = self.datasets[split]
-        sampler = LengthOrderedSampler([0] * len(dataset), self.batch_size, num_replicas=world_size, rank=rank)  # type: ignore[arg-type]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
-        )
+        return self._length_ordered_loader(dataset, [0] * len(dataset), rank, world_size)  # type: ignore[arg-type]
 
     def sample_lengths(self, stage: str) -> list[int] | None:
         """The length of every sample of ``stage`` (e.g. its token count) for length-grouped batching;

@@ -91,17 +91,22 @@ def test_fitted_logistic_head_reproduces_scikit_learn_on_normalised_features() -
 
 
 # -- the strategy, end to end on the tiny BERT ------------------------------------------------------------------
-@pytest.fixture
-def few_label_data(tiny_hf_dir: Path, make_text_file) -> TextClassificationDataModule:
-    """24 training sentences (12 per class): below 500, so no validation split is taken unless asked."""
+def sentences(tiny_hf_dir: Path, make_text_file, **files: Path) -> TextClassificationDataModule:
+    """24 training sentences (12 per class; below 500, so no validation split is taken unless asked) and
+    ``files`` (``val_file=…``, ``test_file=…``)."""
     return TextClassificationDataModule(
         train_file=str(make_text_file("train.tsv", n=24)),
-        test_file=str(make_text_file("test.tsv", n=16, seed=1)),
+        **{key: str(path) for key, path in files.items()},
         backbone=f"hf:{tiny_hf_dir}",
         max_length=16,
         batch_size=8,
         baseline="none",
     )
+
+
+@pytest.fixture
+def few_label_data(tiny_hf_dir: Path, make_text_file) -> TextClassificationDataModule:
+    return sentences(tiny_hf_dir, make_text_file, test_file=make_text_file("test.tsv", n=16, seed=1))
 
 
 def contrastive_model(tiny_hf_dir: Path) -> FineTuneModule:
@@ -170,14 +175,7 @@ def test_contrastive_separates_the_classes_of_the_training_sentences(
 
 
 def test_contrastive_refits_the_head_before_each_validation(tiny_hf_dir: Path, make_text_file, tmp_path: Path) -> None:
-    data = TextClassificationDataModule(
-        train_file=str(make_text_file("train.tsv", n=24)),
-        val_file=str(make_text_file("val.tsv", n=10, seed=2)),
-        backbone=f"hf:{tiny_hf_dir}",
-        max_length=16,
-        batch_size=8,
-        baseline="none",
-    )
+    data = sentences(tiny_hf_dir, make_text_file, val_file=make_text_file("val.tsv", n=10, seed=2))
     model = contrastive_model(tiny_hf_dir)
     fitted_at: list[int] = []
     original = model.fit_contrastive_head
