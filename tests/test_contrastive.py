@@ -212,3 +212,24 @@ def test_contrastive_works_on_an_image_backbone(make_image_folder, tmp_path: Pat
     make_trainer(max_steps=4, max_epochs=None, default_root_dir=tmp_path).fit(model, datamodule=data)
     assert model.head_fit_samples == data.training_size() and model._head_fitted_step == 4
     assert math.isfinite(float(model.head.net[-1].weight.abs().sum()))
+
+
+def test_the_run_summary_says_why_a_small_fit_has_no_validation(
+    tiny_hf_dir: Path, few_label_data: TextClassificationDataModule, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tlmodules.summary import SUMMARY_FILE, RunSummary
+
+    trainer = make_trainer(
+        max_steps=2,
+        logger=TensorBoardLogger(tmp_path, name="few"),
+        callbacks=[RunSummary()],
+        enable_checkpointing=False,
+    )
+    trainer.fit(contrastive_model(tiny_hf_dir), datamodule=few_label_data)
+    note = json.loads((Path(trainer.log_dir) / SUMMARY_FILE).read_text())["validation_note"]
+    assert "24 training samples" in note and "val_fraction" in note
+    assert f"Note: {note}." in capsys.readouterr().out
