@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_trainer
+from test_contrastive import sentences
 
 from datamodules import TextClassificationDataModule
 from tlmodules import FineTuneModule
@@ -13,13 +14,7 @@ from tlmodules import FineTuneModule
 
 @pytest.fixture
 def sixteen_sentences(tiny_hf_dir: Path, make_text_file) -> TextClassificationDataModule:
-    return TextClassificationDataModule(
-        train_file=str(make_text_file("train.tsv", n=16)),
-        backbone=f"hf:{tiny_hf_dir}",
-        max_length=16,
-        batch_size=8,
-        baseline="none",
-    )
+    return sentences(tiny_hf_dir, make_text_file, n=16)
 
 
 def lr_trace(model: FineTuneModule, trainer) -> list[float]:

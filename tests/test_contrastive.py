@@ -91,11 +91,11 @@ def test_fitted_logistic_head_reproduces_scikit_learn_on_normalised_features() -
 
 
 # -- the strategy, end to end on the tiny BERT ------------------------------------------------------------------
-def sentences(tiny_hf_dir: Path, make_text_file, **files: Path) -> TextClassificationDataModule:
-    """24 training sentences (12 per class; below 500, so no validation split is taken unless asked) and
-    ``files`` (``val_file=…``, ``test_file=…``)."""
+def sentences(tiny_hf_dir: Path, make_text_file, n: int = 24, **files: Path) -> TextClassificationDataModule:
+    """``n`` training sentences (half per class; below 500, so no validation split is taken unless asked) and
+    ``files`` (``val_file=…``, ``test_file=…``), batches of 8."""
     return TextClassificationDataModule(
-        train_file=str(make_text_file("train.tsv", n=24)),
+        train_file=str(make_text_file("train.tsv", n=n)),
         **{key: str(path) for key, path in files.items()},
         backbone=f"hf:{tiny_hf_dir}",
         max_length=16,
