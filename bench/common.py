@@ -88,22 +88,22 @@ def minilm_finetune_module(num_classes: int, class_names: Sequence[str] | None =
     )
 
 
-def quiet_trainer(epochs: int | None, **budget: Any) -> Any:
+def quiet_trainer(epochs: int | None = None, **overrides: Any) -> Any:
     """A CPU Trainer for timed benchmark runs: no logger, checkpoints, progress bar or validation loop.
-    ``budget``: further Trainer arguments such as ``max_steps`` or ``min_steps``."""
+    ``overrides``: any other Trainer arguments (``max_steps``, ``min_steps``, ``accelerator``, ...), which win."""
     import lightning.pytorch as pl
 
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **budget,
-    )
+    settings = {
+        "accelerator": "cpu",
+        "max_epochs": epochs,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**{**settings, **overrides})
 
 
 def cpu_model() -> str:

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset, Subset  # noqa: E402
 
-from bench.common import RESULTS, SHARED  # noqa: E402
+from bench.common import RESULTS, SHARED, quiet_trainer  # noqa: E402
 from datamodules import DomainAdaptationDataModule, RandomAffineBatch  # noqa: E402
 from datamodules.base import ClassificationDataModule  # noqa: E402
 from datamodules.builtin import PreparedImages  # noqa: E402
@@ -131,17 +131,7 @@ def run_once(
         for layer in model.backbone.modules():
             if isinstance(layer, torch.nn.Dropout2d):
                 layer.p = float(recipe["lenet_dropout"])
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=steps, accelerator=accelerator, devices=1)
     start = time.perf_counter()
     trainer.fit(model, data)
     seconds = time.perf_counter() - start

@@ -105,8 +105,7 @@ def run_recipe(method: str, train: Path, test: Path) -> tuple[float, float]:
     )
     model_args = {**model_args, "backbone": MINILM}
     model = FeatureProbeModule(**model_args) if method == "probe" else FineTuneModule(**model_args)
-    budget = {key: trainer_args[key] for key in ("max_steps", "min_steps", "precision") if key in trainer_args}
-    trainer = quiet_trainer(trainer_args.get("max_epochs"), **budget)
+    trainer = quiet_trainer(**trainer_args)  # the recipe's budget (max_epochs, min_steps, ...) and precision
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start

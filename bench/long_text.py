@@ -112,9 +112,12 @@ def datamodule(files: tuple[Path, Path], long_text: str, max_length: int, batch_
     )
 
 
-def timed(fit_and_test) -> tuple[dict[str, Any], float]:
+def fit_and_test(model: Any, data: Any, epochs: int) -> tuple[dict[str, Any], float]:
+    """Fit for ``epochs`` and test: (test metrics, wall seconds of both)."""
     start = time.perf_counter()
-    result = fit_and_test()
+    trainer = quiet_trainer(epochs)
+    trainer.fit(model, datamodule=data)
+    result = trainer.test(model, datamodule=data, verbose=False)[0]
     return result, time.perf_counter() - start
 
 
@@ -134,12 +137,7 @@ def probe(files: tuple[Path, Path], long_text: str, head: str, max_length: int, 
         projection_samples=0,
     )
 
-    def run() -> dict[str, Any]:
-        fit = quiet_trainer(30 if linear else 1)
-        fit.fit(model, datamodule=data)
-        return fit.test(model, datamodule=data, verbose=False)[0]
-
-    result, seconds = timed(run)
+    result, seconds = fit_and_test(model, data, 30 if linear else 1)
     return {
         "accuracy": round(result["test/acc"], 4),
         "seconds": round(seconds, 1),
@@ -156,12 +154,7 @@ def finetune(
     model = minilm_finetune_module(data.num_classes, data.class_names)
     epochs = max(3, math.ceil(min_steps / math.ceil(train_size / batch_size)))
 
-    def run() -> dict[str, Any]:
-        fit = quiet_trainer(epochs)
-        fit.fit(model, datamodule=data)
-        return fit.test(model, datamodule=data, verbose=False)[0]
-
-    result, seconds = timed(run)
+    result, seconds = fit_and_test(model, data, epochs)
     return {
         "accuracy": round(result["test/acc"], 4),
         "seconds": round(seconds, 1),
