@@ -1,9 +1,10 @@
 """Writing predictions to a CSV file: input id, predicted label, one probability column per class (one row per
-word for a tagger)."""
+word for a tagger); a multi-task model's dense (per-pixel) tasks also write one mask PNG per image."""
 
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
 from torch import Tensor
 
+from tlmodules.dense_tasks import DENSE_KINDS
 from tlmodules.outputs import check_writable_folder
 
 
@@ -28,6 +31,11 @@ class PredictionWriter(BasePredictionWriter):
     predict_dataloader`). With several processes each writes ``<stem>.rank<r>.csv``.
     The file is written to a temporary name and renamed, so an interrupted run never leaves a
     half-written file in place of an earlier one.
+
+    A multi-task model with dense tasks (``segmentation``, ``mask``) also writes each image's predicted mask per
+    dense task as a PNG, ``<folder>/<stem>_masks/<task>/<id with suffix .png>``, and the CSV holds that PNG's path
+    relative to the CSV's folder: see :func:`write_masks` (every process writes its own images' PNGs into the
+    same folders).
     """
 
     def __init__(self, output_path: str = "predictions.csv") -> None:
@@ -37,6 +45,11 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "predict":  # fail now, not after the whole prediction pass
             check_writable_folder(self.target_path(trainer).parent, "predictions folder")
+
+    def masks_folder(self) -> Path:
+        """``<folder>/<stem>_masks``: where dense tasks' PNGs go, one sub-folder per task (one for all ranks)."""
+        path = Path(self.output_path)
+        return path.with_name(f"{path.stem}_masks")
 
     def target_path(self, trainer: pl.Trainer) -> Path:
         path = Path(self.output_path)
@@ -59,11 +72,15 @@ class PredictionWriter(BasePredictionWriter):
         path = self.target_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
+        tasks = getattr(pl_module, "tasks", None)
+        dense = isinstance(tasks, Sequence) and any(isinstance(t, dict) and t.get("kind") in DENSE_KINDS for t in tasks)
         if batches and "word_counts" in batches[0]:
             header, rows = word_rows(batches, names, to_id, getattr(datamodule, "prediction_words", None), path)
         elif batches and "embeddings" in batches[0]:
             header, rows = embedding_rows(batches, to_id)
-        elif batches and "probs" not in batches[0] and getattr(pl_module, "tasks", None):
+        elif batches and "probs" not in batches[0] and dense:
+            header, rows = dense_task_rows(batches, tasks, to_id, self.masks_folder(), path.parent)  # type: ignore[arg-type]
+        elif batches and "probs" not in batches[0] and tasks:
             header, rows = task_rows(batches, pl_module.tasks, to_id)
         else:
             header, rows = class_rows(batches, names, to_id)
@@ -82,9 +99,11 @@ def in_index_order(batches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     in that order already or of a form this does not know.
 
     A value with one row per input (a tensor whose first dimension is the batch's size: ``probs``,
-    ``embeddings``, a task's outputs, ``word_counts``) is reordered with ``index``; one with a row per word
-    (``word_probs``, ``word_embeddings``: ``word_counts[b]`` consecutive rows for input ``b``) moves with its
-    input's rows.
+    ``embeddings``, a task's outputs, ``word_counts``, ``sizes``, a dense task's ``(B, H, W)`` masks) is reordered
+    with ``index``; one with a row per word (``word_probs``, ``word_embeddings``: ``word_counts[b]`` consecutive
+    rows for input ``b``) moves with its input's rows. Per-input values whose shapes differ between batches
+    (dense masks of batches padded to different sizes) are not concatenated: they become a list of per-input
+    tensors (``(H, W)`` each, still padded), in index order.
     """
     if not batches or not all(isinstance(b, dict) and isinstance(b.get("index"), Tensor) for b in batches):
         return list(batches)
@@ -92,30 +111,38 @@ def in_index_order(batches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     order = torch.argsort(index, stable=True)
     if torch.equal(order, torch.arange(len(order))):
         return list(batches)
-    merged: dict[str, Tensor] = {}
+    merged: dict[str, Tensor | list[Tensor]] = {}
     for key in batches[0]:
         values = [b.get(key) for b in batches]
         if not all(isinstance(v, Tensor) and v.ndim > 0 for v in values):
             return list(batches)
-        merged[key] = torch.cat([v.detach().cpu() for v in values])  # type: ignore[union-attr]
+        tensors: list[Tensor] = [v.detach().cpu() for v in values]  # type: ignore[union-attr]
+        if len({t.shape[1:] for t in tensors}) == 1:
+            merged[key] = torch.cat(tensors)
+        elif all(len(t) == len(b["index"].reshape(-1)) for t, b in zip(tensors, batches)):
+            merged[key] = [row for t in tensors for row in t]  # one per input, shapes differ: kept apart
+        else:
+            return list(batches)
     counts = merged.get("word_counts")
     word_keys = [k for k in merged if k.startswith("word_") and k != "word_counts"]
-    if word_keys and counts is None:
+    if word_keys and not isinstance(counts, Tensor):
         return list(batches)
     word_order = None
-    if counts is not None:
+    if isinstance(counts, Tensor):
         starts = torch.cumsum(counts, 0) - counts
         moved = counts[order]
         new_starts = torch.cumsum(moved, 0) - moved
         word_order = torch.arange(int(moved.sum())) + torch.repeat_interleave(starts[order] - new_starts, moved)
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     for key, value in merged.items():
         if key in word_keys:
-            if len(value) != len(word_order):  # type: ignore[arg-type]
+            if not isinstance(value, Tensor) or len(value) != len(word_order):  # type: ignore[arg-type]
                 return list(batches)
             out[key] = value[word_order]
         elif len(value) != len(index):
             return list(batches)
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in order.tolist()]
         else:
             out[key] = value[order]
     return [out]
@@ -184,6 +211,116 @@ def task_rows(
                 yield [to_id(index), *(cell for t in tasks for cell in cells(t, columns[t["name"]][i]))]
 
     return header, rows()
+
+
+def mask_relative_path(task_name: str, prediction_id: str) -> Path:
+    """``<task>/<id with its suffix replaced by .png>``, keeping the id's sub-folders (``"sub/x.jpg"`` →
+    ``<task>/sub/x.png``); an absolute id or ``..`` in it cannot lead out of the masks folder (the anchor and
+    ``..``/``.`` parts are dropped)."""
+    parts = [p for p in Path(str(prediction_id).replace("\\", "/")).parts if p not in ("..", ".", "/", "")]
+    parts = [p for p in parts if not Path(p).anchor]
+    if not parts:
+        raise ValueError(f"prediction id {prediction_id!r} names no file to write task {task_name!r}'s mask to")
+    return Path(task_name, *parts[:-1], f"{Path(parts[-1]).stem}.png")
+
+
+def mask_array(value: Tensor, size: Sequence[int] | None = None) -> Any:
+    """A predicted ``(H, W)`` mask (class indices, or 0/1) as a uint8 numpy array, cropped to ``size``
+    ``(height, width)`` (the image's size before padding) when given."""
+    mask = value.detach().cpu()
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"a dense prediction must be one (H, W) mask per image, got {tuple(value.shape)}")
+    if size is not None:
+        mask = mask[: int(size[0]), : int(size[1])]
+    if mask.dtype != torch.uint8:
+        if mask.is_floating_point():
+            mask = mask.round()
+        if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) > 255):
+            raise ValueError("a predicted mask's values must lie in 0..255 to be written as an 8-bit PNG")
+        mask = mask.to(torch.uint8)
+    return mask.contiguous().numpy()
+
+
+def write_png(path: Path, array: Any) -> None:
+    """Write ``array`` (uint8 ``(H, W)``) as a single-channel (mode ``L``) PNG, through a temporary name in the
+    same folder renamed into place, so a failed run leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        Image.fromarray(array).save(partial, format="PNG")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_masks(
+    batches: Sequence[dict[str, Any]],
+    tasks: Sequence[dict[str, Any]],
+    to_id: Callable[[int], str],
+    folder: Path | str,
+) -> list[dict[str, Path]]:
+    """Write every image's predicted mask of every dense task as ``<folder>/<task>/<id with suffix .png>``
+    (:func:`mask_relative_path`) and return, per image in the order of ``batches``, ``{task: path}``.
+
+    A batch holds ``index`` ``(B,)``, per dense task ``(B, H, W)`` masks (uint8 class indices or 0/1; or a list
+    of ``(H, W)`` masks, :func:`in_index_order`) and optionally ``sizes`` ``(B, 2)``: each image's ``(H, W)``
+    before padding, to which its mask is cropped. The PNGs are single-channel with the mask's values, the format
+    of label masks, so they read back as labels. Two different ids that would write the same file (``x.jpg``,
+    ``x.png``) are refused before any is written; an id met twice (a sampler that repeats samples) is written once.
+    """
+    folder = Path(folder)
+    names = [t["name"] for t in tasks if t.get("kind") in DENSE_KINDS]
+    per_image: list[dict[str, Path]] = []
+    writes: list[tuple[Path, Any, Any]] = []
+    seen: dict[Path, str] = {}
+    for batch in batches:
+        sizes = batch.get("sizes")
+        sizes = sizes.detach().cpu().tolist() if isinstance(sizes, Tensor) else sizes
+        for i, index in enumerate(batch["index"].reshape(-1).tolist()):
+            prediction_id = to_id(index)
+            paths = {name: folder / mask_relative_path(name, prediction_id) for name in names}
+            per_image.append(paths)
+            for name, path in paths.items():
+                if path in seen:
+                    if seen[path] != prediction_id:
+                        raise ValueError(
+                            f"predictions {seen[path]!r} and {prediction_id!r} would both write mask {path}: ids "
+                            "that differ only in their suffix cannot be told apart; rename one of the images"
+                        )
+                    continue
+                seen[path] = prediction_id
+                writes.append((path, batch[name][i], sizes[i] if sizes is not None else None))
+    for path, value, size in writes:
+        write_png(path, mask_array(value, size))
+    return per_image
+
+
+def dense_task_rows(
+    batches: Sequence[dict[str, Any]],
+    tasks: Sequence[dict[str, Any]],
+    to_id: Callable[[int], str],
+    masks_folder: Path | str,
+    csv_folder: Path | str,
+) -> tuple[list[str], Rows]:
+    """A multi-task model with dense tasks: writes the masks (:func:`write_masks`, into ``masks_folder``) and gives
+    the rows ``id, <dense task>…, <per-image task columns of task_rows>…``: a dense task's cell is its PNG's
+    path relative to ``csv_folder`` (``/``-separated), the per-image tasks' cells are :func:`task_rows`'s."""
+    dense = [t["name"] for t in tasks if t.get("kind") in DENSE_KINDS]
+    per_image = [t for t in tasks if t.get("kind") not in DENSE_KINDS]
+    written = write_masks(batches, tasks, to_id, masks_folder)
+    header, image_rows = task_rows(batches, per_image, to_id)
+    base = Path(csv_folder).resolve()
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path.resolve(), base)).as_posix()
+
+    def rows() -> Rows:
+        for paths, row in zip(written, image_rows):
+            yield [row[0], *(relative(paths[name]) for name in dense), *row[1:]]
+
+    return [header[0], *dense, *header[1:]], rows()
 
 
 def word_rows(
