@@ -1,4 +1,5 @@
-"""LightningDataModules: images, text tables, CoNLL files, domain pairs, and data shipped with dependencies."""
+"""LightningDataModules: images, segmentation masks, text tables, CoNLL files, domain pairs, and data shipped with
+dependencies."""
 
 from datamodules.augment import RandomAffineBatch
 from datamodules.builtin import DigitsDomainDataModule, SklearnDigitsDataModule
@@ -6,6 +7,7 @@ from datamodules.conll import ConllDataModule, align_word_labels
 from datamodules.domain import DomainAdaptationDataModule
 from datamodules.images import ImageFolderDataModule
 from datamodules.multitask import MultiTaskDataModule
+from datamodules.segmentation import SegmentationDataModule
 from datamodules.tables import DataError
 from datamodules.text import TextClassificationDataModule
 
@@ -17,6 +19,7 @@ __all__ = [
     "DomainAdaptationDataModule",
     "ImageFolderDataModule",
     "MultiTaskDataModule",
+    "SegmentationDataModule",
     "SklearnDigitsDataModule",
     "TextClassificationDataModule",
     "align_word_labels",

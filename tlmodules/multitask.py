@@ -20,6 +20,20 @@ from torchmetrics.classification import (
 
 from tlmodules.backbones import Backbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule
+from tlmodules.dense import DenseHead, FPNDecoder, StagePlan, multi_scale_features, plan_stages, pooled_features
+from tlmodules.dense_logging import iou_table, log_dense_images, log_text, overlay_grid
+from tlmodules.dense_tasks import (
+    DENSE_KINDS,
+    dense_labelled,
+    dense_loss,
+    dense_metric_inputs,
+    dense_metrics,
+    dense_prediction,
+    dense_scores,
+    iou_from_confusion,
+    is_dense,
+    score_key,
+)
 from tlmodules.errors import ConfigError
 from tlmodules.heads import HeadKind, build_head, check_head
 from tlmodules.labels import IGNORE_INDEX
@@ -27,7 +41,8 @@ from tlmodules.nets import MLPFeatures
 from tlmodules.schedules import LRSchedule
 from tlmodules.weighting import WEIGHTINGS, LossWeighting, build_weighting
 
-TASK_KINDS = ("multiclass", "binary", "multilabel", "regression")
+TASK_KINDS = ("multiclass", "binary", "multilabel", "regression", *DENSE_KINDS)
+MAX_MASK_CLASSES = 256  # predicted masks are written as 8-bit PNGs
 
 
 def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -43,10 +58,20 @@ def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             raise ConfigError(f"every task needs a unique name; got {name!r} in {[t.get('name') for t in tasks]}")
         if kind not in TASK_KINDS:
             raise ConfigError(f"task {name!r} has kind {kind!r}; choose one of {list(TASK_KINDS)}")
-        outputs = task.get("num_outputs") or (1 if kind in ("binary", "regression") else None)
-        least = 2 if kind in ("multiclass", "multilabel") else 1
+        outputs = task.get("num_outputs") or (1 if kind in ("binary", "regression", "mask") else None)
+        least = 2 if kind in ("multiclass", "multilabel", "segmentation") else 1
         if not isinstance(outputs, int) or outputs < least:
             raise ConfigError(f"task {name!r} ({kind}) needs num_outputs >= {least}")
+        if kind == "segmentation" and outputs > MAX_MASK_CLASSES:
+            raise ConfigError(f"task {name!r} has {outputs} classes; predicted masks hold at most {MAX_MASK_CLASSES}")
+        if kind == "mask" and outputs != 1:
+            raise ConfigError(f"task {name!r} (mask) has one output per pixel; got num_outputs={outputs}")
+        weights = task.get("class_weights")
+        if weights is not None and (kind != "segmentation" or len(weights) != outputs):
+            raise ConfigError(
+                f"task {name!r}: class_weights needs a segmentation task and one weight per class ({outputs}); "
+                f"got {len(weights)} for a {kind} task"
+            )
         std = torch.as_tensor(task.get("target_std", 1.0), dtype=torch.float64)
         if kind == "regression" and not bool((std > 0).all()):
             raise ConfigError(f"task {name!r} has target_std={task['target_std']!r}; it must be positive")
@@ -57,7 +82,10 @@ def check_tasks(tasks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def task_metrics(task: Mapping[str, Any], prefix: str) -> MetricCollection:
-    """Accuracy and macro-F1 (classification) or MAE, RMSE and R² (regression), as ``<prefix><metric>``."""
+    """Accuracy and macro-F1 (classification), MAE, RMSE and R² (regression), or a dense task's confusion
+    matrix (:func:`tlmodules.dense_tasks.dense_metrics`), as ``<prefix><metric>``."""
+    if is_dense(task):
+        return dense_metrics(task, prefix)
     if task["kind"] == "multiclass":
         n = task["num_outputs"]
         metrics = {
@@ -91,6 +119,16 @@ class MultiTaskModule(TransferModule):
     units; outputs, metrics and predictions are in the target's own units. A multilabel task's loss is the
     binary cross-entropy averaged over samples and labels; its labels are ``(B, K_t)`` 0/1 floats.
 
+    **Dense tasks** (Long, Shelhamer & Darrell, "Fully Convolutional Networks", CVPR 2015): ``segmentation``
+    (logits ``(B, C, H, W)``, labels ``(B, H, W)`` class indices, void pixels ``IGNORE_INDEX``; optional per-class
+    ``class_weights``) and ``mask`` (logits ``(B, H, W)``, labels 0/1 with NaN for void pixels), see
+    :mod:`tlmodules.dense_tasks`. With any dense task the trunk is spatial: the backbone's stages give feature
+    maps at strides 4–32 (:func:`tlmodules.dense.plan_stages`), an FPN decoder (``decoder_channels`` wide) merges
+    them into one stride-4 map, and each dense head is a 1×1 convolution upsampled to the input's size; the
+    per-image heads read the global average of the coarsest map. Metrics: ``miou``, ``pixel_acc`` and
+    ``iou/<class>`` (segmentation), ``iou`` and ``acc`` (mask), from one confusion matrix per stage; a
+    TensorBoard logger also gets image / truth / prediction overlays and the per-class IoU table at validation.
+
     Batches are ``{"inputs": ..., "labels": {task: tensor}}``. **Partial labels**: a missing label is
     :data:`~tlmodules.labels.IGNORE_INDEX` (multiclass) or NaN (binary, regression; a row of NaN for
     multilabel); such samples add nothing to that task's loss or metrics, and a task with no label in a batch
@@ -114,6 +152,8 @@ class MultiTaskModule(TransferModule):
             2018), ``dwa`` (Liu et al. 2019) or ``rlw`` (Lin et al. 2022); ``weighting_args`` go to it.
         head, head_hidden, dropout: every task's head, ``linear`` or ``mlp`` of ``head_hidden`` units (a task dict's
             own ``head`` / ``head_hidden`` win), and the dropout of heads and the ``mlp`` trunk.
+        decoder_channels: width of the FPN decoder of dense tasks.
+        overlay_images: validation images shown as overlays in TensorBoard per validation (0: none).
     """
 
     def __init__(
@@ -140,14 +180,19 @@ class MultiTaskModule(TransferModule):
         trust_remote_code: bool = False,
         num_features: int | None = None,
         pretrained: bool = True,
+        decoder_channels: int = 64,
+        overlay_images: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if decoder_channels < 1:
+            raise ConfigError(f"decoder_channels must be >= 1, got {decoder_channels}")
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown loss weighting {weighting!r}; accepted names: {list(WEIGHTINGS)!r}")
         check_head(head, head_hidden)  # an unknown head or a zero-width MLP fails now
         object.__setattr__(self, "_backbone_spec", backbone)  # a module given here is registered once built
         self.tasks: list[dict[str, Any]] = []
+        self.stage_plan: StagePlan | None = None  # set by build() when a task is per-pixel
         if tasks is not None:
             self.build(tasks, in_features)
 
@@ -177,9 +222,18 @@ class MultiTaskModule(TransferModule):
             pretrained=hp.pretrained,
         )
         width = self.backbone.num_features
+        self.stage_plan = None
+        if any(is_dense(t) for t in self.tasks):  # a spatial trunk: the backbone's feature maps and a decoder
+            preprocessing = self.backbone.preprocessing
+            channels = (preprocessing.in_channels if preprocessing is not None else None) or 3
+            self.stage_plan = plan_stages(self.backbone.body, channels)
+            self.decoder = FPNDecoder(self.stage_plan.channels, hp.decoder_channels)
+            width = self.stage_plan.channels[-1]
         self.heads = nn.ModuleDict(
             {
-                t["name"]: build_head(
+                t["name"]: DenseHead(hp.decoder_channels, t["num_outputs"])
+                if is_dense(t)
+                else build_head(
                     t.get("head", hp.head), width, t["num_outputs"], t.get("head_hidden", hp.head_hidden), hp.dropout
                 )
                 for t in self.tasks
@@ -218,11 +272,36 @@ class MultiTaskModule(TransferModule):
                 raise ConfigError(f"the data's tasks {theirs} differ from the model's {mine}; use one task list")
 
     # -- forward and losses ------------------------------------------------------------------------
+    @property
+    def dense(self) -> bool:
+        """Whether the model has per-pixel tasks (and so a spatial trunk)."""
+        return self.stage_plan is not None
+
+    @property
+    def dense_task_names(self) -> list[str]:
+        return [t["name"] for t in self.tasks if is_dense(t)]
+
+    def features(self, inputs: Any) -> Tensor:
+        """The per-image heads' features ``(B, W)``: the backbone's, or with dense tasks the global average of
+        the coarsest feature map."""
+        if not self.dense:
+            return super().features(inputs)
+        return pooled_features(multi_scale_features(self.backbone.body, self.stage_plan, inputs))
+
     def forward(self, inputs: Any) -> dict[str, Tensor]:
         """Inputs → ``{task: outputs}`` (logits or values, shapes in the class docstring)."""
-        features = self.features(inputs)
+        decoded = None
+        if self.dense:
+            maps = multi_scale_features(self.backbone.body, self.stage_plan, inputs)
+            features, decoded = pooled_features(maps), self.decoder(maps)
+        else:
+            features = self.features(inputs)
         outputs = {}
         for task in self.tasks:
+            if is_dense(task):
+                out = self.heads[task["name"]](decoded, tuple(inputs.shape[-2:]))
+                outputs[task["name"]] = out.squeeze(1) if task["kind"] == "mask" else out
+                continue
             out = self.heads[task["name"]](features)
             single = task["kind"] in ("binary", "regression") and out.shape[-1] == 1
             out = out.squeeze(-1) if single else out
@@ -242,7 +321,9 @@ class MultiTaskModule(TransferModule):
 
     @staticmethod
     def labelled(task: Mapping[str, Any], labels: Tensor) -> Tensor:
-        """Boolean mask ``(B,)`` of the samples that carry this task's label."""
+        """Boolean mask ``(B,)`` of the samples that carry this task's label (dense: at least one pixel's)."""
+        if is_dense(task):
+            return dense_labelled(task, labels)
         if task["kind"] == "multiclass":
             return labels != IGNORE_INDEX
         missing = torch.isnan(labels)
@@ -257,6 +338,8 @@ class MultiTaskModule(TransferModule):
         return self._labelled_loss(task, output[mask].float(), labels[mask]) if bool(mask.any()) else None
 
     def _labelled_loss(self, task: Mapping[str, Any], output: Tensor, labels: Tensor) -> Tensor:
+        if is_dense(task):
+            return dense_loss(task, output, labels)
         if task["kind"] == "multiclass":
             return F.cross_entropy(output, labels.long())
         if task["kind"] in ("binary", "multilabel"):  # multilabel: the mean over samples and labels
@@ -270,6 +353,8 @@ class MultiTaskModule(TransferModule):
             ParamGroup("backbone", list(self.backbone.parameters()), self.hparams.backbone_lr_ratio),
             ParamGroup("head", list(self.heads.parameters()), 1.0),
         ]
+        if self.dense:  # the decoder is new, like the heads
+            groups.insert(1, ParamGroup("decoder", list(self.decoder.parameters()), 1.0))
         extra = list(self.weighting.parameters())
         if extra:  # uncertainty weighting's log-variances, trained by the same optimizer
             groups.append(ParamGroup("weighting", extra, 1.0))
@@ -317,9 +402,35 @@ class MultiTaskModule(TransferModule):
             if not bool(mask.any()):
                 continue
             output, target = outputs[name][mask].float(), labels[mask]
-            if task["kind"] in ("binary", "multilabel"):
+            if is_dense(task):
+                output, target = dense_metric_inputs(task, output, target)
+            elif task["kind"] in ("binary", "multilabel"):
                 output, target = output.sigmoid(), target.long()
             self.metrics[f"{stage}_{name}"].update(output, target)
+        if stage == "val" and self.dense:
+            self._log_overlays(batch, outputs)
+
+    def _log_overlays(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor]) -> None:
+        """Image / truth / prediction of the first segmentation task for the first validation images, on the
+        first process, to a TensorBoard logger (once per validation, not in the sanity check)."""
+        shown = self.hparams.overlay_images
+        done = getattr(self, "_overlays_shown", 0)
+        task = next((t for t in self.tasks if t["kind"] == "segmentation"), None)
+        if task is None or shown <= 0 or done >= shown or self.trainer.sanity_checking or self.global_rank != 0:
+            return
+        name, count = task["name"], min(shown - done, len(batch["inputs"]))
+        grid = overlay_grid(
+            batch["inputs"][:count].float(),
+            batch["labels"][name][:count],
+            outputs[name][:count].argmax(1),
+            task["num_outputs"],
+            max_images=count,
+        )
+        log_dense_images(self.logger, f"val/{name}/overlay_{done}", grid, self.global_step)
+        self._overlays_shown = done + count
+
+    def on_validation_epoch_start(self) -> None:
+        self._overlays_shown = 0
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -334,14 +445,28 @@ class MultiTaskModule(TransferModule):
             metrics = self.metrics[f"{stage}_{task['name']}"]
             if any(m.update_called for m in metrics.values()):
                 values = metrics.compute()
+                prefix = f"{stage}/{task['name']}/"
+                if is_dense(task):
+                    confusion = values[f"{prefix}confusion"]
+                    values = dense_scores(task, confusion, prefix)
+                    self._log_iou_table(task, confusion, stage)
+                key = score_key(task) if is_dense(task) else "r2" if task["kind"] == "regression" else "acc"
                 logged.update(values)
-                key = "r2" if task["kind"] == "regression" else "acc"
-                scores.append(values[f"{stage}/{task['name']}/{key}"])
+                scores.append(values[f"{prefix}{key}"])
             metrics.reset()
         if scores:
             logged[f"{stage}/score"] = torch.stack([s.float() for s in scores]).mean()
         self.log_dict(logged)
         return logged
+
+    def _log_iou_table(self, task: Mapping[str, Any], confusion: Tensor, stage: str) -> None:
+        """The per-class IoU table of a segmentation task as TensorBoard text (first process only)."""
+        if task["kind"] != "segmentation" or self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        names = task.get("class_names") or [str(c) for c in range(task["num_outputs"])]
+        accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp_min(1))
+        table = iou_table(names, iou_from_confusion(confusion), accuracy)
+        log_text(self.logger, f"{stage}/{task['name']}/iou_table", table, self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         logged = self._log_stage("val")
@@ -352,11 +477,18 @@ class MultiTaskModule(TransferModule):
         self._log_stage("test")
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """``{"index", task: probabilities (classification) or values (regression)}``."""
+        """``{"index", task: probabilities (classification) or values (regression) or ``(B, H, W)`` uint8 masks
+        (dense: class indices, or 0/1), "sizes"?}``; ``sizes`` ``(B, 2)``, each image's size before the batch was
+        padded, when the batch has it."""
         outputs = self(batch["inputs"])
         result: dict[str, Any] = {"index": self.prediction_index(batch, len(next(iter(outputs.values()))))}
+        if isinstance(batch, Mapping) and "sizes" in batch:
+            result["sizes"] = batch["sizes"]
         for task in self.tasks:
             out = outputs[task["name"]].float()
+            if is_dense(task):
+                result[task["name"]] = dense_prediction(task, out)
+                continue
             result[task["name"]] = (
                 out.softmax(-1)
                 if task["kind"] == "multiclass"

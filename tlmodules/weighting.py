@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tlmodules.errors import ConfigError
 
 REGRESSION_KIND = "regression"
-CLASSIFICATION_KINDS = ("multiclass", "binary", "multilabel")
+CLASSIFICATION_KINDS = ("multiclass", "binary", "multilabel", "segmentation", "mask")  # per pixel: a likelihood each
 KINDS = (REGRESSION_KIND, *CLASSIFICATION_KINDS)
 
 
@@ -175,7 +175,8 @@ class UncertaintyWeighting(LossWeighting):
     Args:
         tasks: the task names.
         kinds: task → ``"regression"`` or a classification kind (``"multiclass"``, ``"binary"``,
-            ``"multilabel"``); every task needs a kind.
+            ``"multilabel"``, and per pixel ``"segmentation"`` and ``"mask"``, as the paper's semantic
+            segmentation); every task needs a kind.
     """
 
     def __init__(self, tasks: Sequence[str], kinds: Mapping[str, str]) -> None:
