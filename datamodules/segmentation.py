@@ -336,6 +336,7 @@ class SegmentationDataModule(ClassificationDataModule):
             if folder is not None and not Path(folder).is_dir():
                 raise DataError(f"{stage}_dir {folder} is not a folder; check the path")
         self.class_names = read_class_names(class_names)
+        self.class_names_file = str(class_names) if isinstance(class_names, (str, Path)) else None
         if ignore_value is not None and (not isinstance(ignore_value, int) or isinstance(ignore_value, bool)):
             raise DataError(f"ignore_value must be an integer mask value or None, got {ignore_value!r}")
         if ignore_value is not None and 0 <= ignore_value < self.num_classes:
@@ -611,6 +612,11 @@ class SegmentationDataModule(ClassificationDataModule):
         )
 
     # -- datasets ----------------------------------------------------------------------------------
+    def data_sources(self) -> dict[str, str]:
+        """The split folders, and the class-name file when the names come from one."""
+        sources = super().data_sources()
+        return {**sources, "class_names": self.class_names_file} if self.class_names_file else sources
+
     def training_size(self) -> int | None:
         """The number of training image/mask pairs (before any held-out validation)."""
         return len(self.pairs["train"]) if "train" in self.pairs else None

@@ -358,3 +358,36 @@ def test_contrastive_strategy_shards_batches_and_fits_the_head_on_every_rank_s_s
     assert len(moved) == BACKBONE_PARAMS, "the contrastive loss did not train every backbone parameter"
     for key in ("weight", "bias"):
         assert torch.allclose(r0["final"][f"head.net.2.{key}"], r0["reference_head"][key], atol=1e-4)
+
+
+# -- MultiTaskModule with per-pixel tasks: sharded frames, metrics of the whole validation set ------------------
+SEGMENTATION_SCRIPT = Path(__file__).parent / "scripts" / "ddp_segmentation.py"
+
+
+def test_dense_multitask_metrics_under_ddp_equal_one_process_on_the_same_frames(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from test_multitask_dense import write_split
+
+    from tlmodules import MultiTaskModule
+
+    write_split(tmp_path / "scenes" / "train", 8, seed=0)
+    write_split(tmp_path / "scenes" / "val", 5, seed=100)  # odd: one rank validates 3 frames, the other 2
+    r0, r1 = run_ddp(tmp_path / "dense", str(tmp_path / "scenes"), script=SEGMENTATION_SCRIPT)
+    assert r0["steps"] == r1["steps"] == 2  # 8 frames, 2 ranks, batches of 2
+    for name in r0["final"]:
+        assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
+    sys.path.insert(0, str(SEGMENTATION_SCRIPT.parent))
+    from ddp_segmentation import TASKS, data
+
+    datamodule = data(tmp_path / "scenes")
+    model = MultiTaskModule(
+        backbone="torchvision:resnet18", weights="none", tasks=datamodule.tasks, decoder_channels=16,
+        weighting="uncertainty",
+    )  # fmt: skip
+    model.load_state_dict(r0["final"])
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    full = single.validate(model, datamodule=datamodule, verbose=False)[0]
+    keys = {"val/scene/miou", "val/scene/pixel_acc", "val/drivable/iou", "val/objects/acc", "val/road_share/r2"}
+    assert keys <= set(r0["metrics"]) and len(TASKS) == 4
+    for key in sorted(k for k in full if k.startswith("val/")):
+        assert r0["metrics"][key] == r1["metrics"][key] == pytest.approx(full[key], abs=1e-5), key

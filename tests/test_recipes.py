@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, TrainPy
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,7 @@ class Plan:
 
 
 PLANS: dict[str, Plan] = {
+    "camvid_multitask": Plan("test", ["--data.init_args.predict_dir", f"{SHARED}/camvid/test/images"]),
     "dann_folders": Plan("validate", ["--data.init_args.target.init_args.predict_dir", f"{SHARED}/digits/usps/test"]),
     "dann_text": Plan(
         "validate", ["--data.init_args.target.init_args.predict_file", f"{SHARED}/text/uci_sentences/imdb_labelled.txt"]
@@ -117,11 +119,18 @@ def check_predictions(path: Path, meta: dict[str, Any], recipe: dict[str, Any]) 
         assert all(0.0 < float(row[prob]) <= 1.0 for row in scored)
         return
     assert header[0] == "id" and len({row[0] for row in rows}) == len(rows)
-    if meta.get("tasks"):  # multi-task: a column per regression output
+    if meta.get("tasks"):  # multi-task: a column per task
         for task in meta["tasks"]:
-            assert task["name"] in header
-            values = np.array([float(row[header.index(task["name"])]) for row in rows])
-            assert np.isfinite(values).all()
+            cells = [row[header.index(task["name"])] for row in rows]
+            if task["kind"] in ("segmentation", "mask"):  # the path of a mask PNG of the image's size
+                for cell in cells:
+                    with Image.open(path.parent / cell) as mask:
+                        values = np.asarray(mask)
+                    assert values.ndim == 2 and values.max() < task["num_outputs"] + (task["kind"] == "mask")
+            elif task["kind"] == "regression":
+                assert np.isfinite(np.array([float(cell) for cell in cells])).all()
+            else:
+                assert all(set(cell.split("|")) <= {"", *task["class_names"]} for cell in cells)
         return
     assert header == ["id", "label", *(f"prob_{name}" for name in class_names)]
     probs = np.array([[float(p) for p in row[2:]] for row in rows])
