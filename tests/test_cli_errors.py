@@ -34,6 +34,7 @@ FOLDERS = "configs/dann_folders.yaml"  # DANNModule + DomainAdaptationDataModule
 TEXT_PAIR = "configs/dann_text.yaml"  # DANNModule(MiniLM) + DomainAdaptationDataModule of two text datamodules
 ENERGY = "configs/energy_multitask.yaml"  # MultiTaskModule + MultiTaskDataModule
 NER = "configs/ner_probe.yaml"  # FeatureProbeModule(level=token) + ConllDataModule
+CAMVID = "configs/camvid_multitask.yaml"  # MultiTaskModule(torchvision:resnet18, dense tasks) + SegmentationDataModule
 
 SENTINELS = {  # what the output folder holds before each command; it must be unchanged afterwards
     "checkpoints/last.ckpt": b"an earlier run's last checkpoint\n",
@@ -82,6 +83,19 @@ class Env:
         """Images without class folders."""
         self.write("flat/0.png", b"")
         return str(self.tmp / "flat")
+
+    def scenes(self, name: str, frames: int = 3, without_mask: int | None = None) -> str:
+        """``<name>/images/*.png`` and ``<name>/labels/*.png`` (class indices 0–10) of 24×32 frames; the frame
+        ``without_mask`` has no mask."""
+        from PIL import Image
+
+        for folder in ("images", "labels"):
+            (self.tmp / name / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(frames):
+            Image.new("RGB", (32, 24), (30 * i, 90, 160)).save(self.tmp / name / "images" / f"frame{i}.png")
+            if i != without_mask:
+                Image.new("L", (32, 24), i % 11).save(self.tmp / name / "labels" / f"frame{i}.png")
+        return str(self.tmp / name)
 
     def checkpoint(self) -> str:
         """A real FineTuneModule checkpoint (LeNet, 10 classes), written by one training step."""
@@ -237,6 +251,32 @@ CASES = [
     pytest.param(
         Bad(fit(DIGITS, "--data.init_args.val_fraction", "1.5"), r"val_fraction must be in \[0, 1\), got 1\.5"),
         id="val-fraction-above-one",
+    ),
+    pytest.param(
+        Bad(
+            fit_with(CAMVID, lambda env: ["--data.init_args.train_dir", env.scenes("scenes", without_mask=1)]),
+            r"image\(s\) without a mask \['frame1'\]",
+        ),
+        id="segmentation-image-without-a-mask",
+    ),
+    pytest.param(
+        Bad(
+            fit(
+                CAMVID,
+                "--data.init_args.tasks",
+                "[{name: scene, kind: segmentation}, {name: x, kind: mask, classes: [Lorry]}]",
+            ),
+            r"Lorry",
+        ),
+        id="segmentation-task-names-an-unknown-class",
+    ),
+    pytest.param(
+        Bad(fit(CAMVID, "--model.init_args.backbone", "builtin:nope"), r"builtin:nope"),
+        id="segmentation-unknown-backbone",
+    ),
+    pytest.param(
+        Bad(fit(CAMVID, "--model.init_args.backbone", "torchvision:vit_b_16"), r"no 2-D feature map .*resnet18"),
+        id="segmentation-on-a-vision-transformer",
     ),
     pytest.param(
         Bad(fit(DIGITS, "--data.init_args.batch_size", "0"), r"batch_size must be a positive integer, got 0"),
