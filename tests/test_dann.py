@@ -1,6 +1,7 @@
 """Domain-adversarial adaptation: gradient reversal, DANN's schedules, the domain discriminator, the
 information-maximisation signals, and DANNModule's training steps, logging, checkpoints and mixed
-precision, on tiny tensors and on the embedded digits → digits-on-photos pair."""
+precision, on tiny tensors and on the embedded digits → digits-on-photos pair; the MCC and self-training terms
+on the target's predictions, alone and beside DANN/CDAN."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ from torch.utils.data import DataLoader
 import tlmodules.alignment.dann as dann_alignment
 from datamodules import DigitsDomainDataModule
 from tlmodules import DANNModule
-from tlmodules.alignment import ConditionalDomainAdversarialLoss, DomainAdversarialLoss
+from tlmodules.alignment import (
+    ConditionalDomainAdversarialLoss,
+    ConfidenceThresholdedSelfTraining,
+    DomainAdversarialLoss,
+    MinimumClassConfusionLoss,
+)
 from tlmodules.grl import GradientReversalLayer, grad_reverse
 from tlmodules.heads import DomainDiscriminator
 from tlmodules.information import InformationMaximization
@@ -297,7 +303,7 @@ class TinyNet(nn.Module):
         return self.net(x)
 
 
-def tiny_dann(batch_norm: bool = False, **kwargs: Any) -> DANNModule:
+def tiny_dann(batch_norm: bool = False, net: nn.Module | None = None, **kwargs: Any) -> DANNModule:
     settings = {  # pinned: the tests below must not move when DANN's defaults are tuned
         "num_classes": NUM_CLASSES,
         "bottleneck": 0,
@@ -316,7 +322,7 @@ def tiny_dann(batch_norm: bool = False, **kwargs: Any) -> DANNModule:
         "projection_samples": 0,
         **kwargs,
     }
-    return DANNModule(TinyNet(batch_norm), **settings)
+    return DANNModule(net if net is not None else TinyNet(batch_norm), **settings)
 
 
 def domain_pairs(n: int, seed: int = 0, shift: float = 1.5) -> list[dict]:
@@ -810,3 +816,255 @@ def test_epoch_training_accuracies_are_sample_weighted_means_of_the_steps() -> N
     # here the steps' accuracies differ, so the weighting is visible: an unweighted mean would be logged otherwise
     values = [v for v, _ in recorded["train/source/acc"]]
     assert abs(float(trainer.callback_metrics["train/source/acc"]) - sum(values) / 3) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# the target terms: MCC and self-training (their numerics: tests/test_alignment.py)
+# ---------------------------------------------------------------------------------------------
+class TinyImageNet(nn.Module):
+    """``(B, 1, 4, 4)`` images → ``(B, 6)``, no BatchNorm (each sample's features do not depend on the batch)."""
+
+    num_features = WIDTH
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, WIDTH), nn.Tanh())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def image_pairs(n: int, seed: int = 0) -> list[dict]:
+    """:func:`domain_pairs` as ``(1, 4, 4)`` images: a bright pixel at the label's position, the target shifted."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES
+    source = torch.randn(n, 16, generator=g) * 0.5
+    source[torch.arange(n), labels * 5] += 2.0
+    target = torch.randn(n, 16, generator=g) * 0.5 + 1.0
+    target[torch.arange(n), labels * 5] += 2.0
+    return [
+        {
+            "source": {"inputs": source[i].view(1, 4, 4), "labels": labels[i], "index": i},
+            "target": {"inputs": target[i].view(1, 4, 4), "labels": labels[i], "index": i},
+        }
+        for i in range(n)
+    ]
+
+
+def stacked(data: list[dict], side: str) -> Tensor:
+    return torch.stack([d[side]["inputs"] for d in data])
+
+
+def term_gradients(model: DANNModule, loss: Tensor) -> dict[str, Tensor]:
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
+    return {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(model.named_parameters(), grads)}
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_mcc_adds_its_gradient_from_the_target_batch(adversarial: bool) -> None:
+    """One real step with ``mcc_weight=0.7`` against the same model and batch without MCC: the gradients differ by
+    exactly ``0.7 ·`` the gradient of MCC on the target batch's logits (written here), which reaches the head
+    and the backbone; the logged ``train/mcc/loss`` is that MCC value. Alone (source-only) and beside DANN."""
+    data = domain_pairs(8)
+    with_mcc = tiny_dann(adversarial=adversarial, mcc_weight=0.7, mcc_temperature=2.0)
+    without = tiny_dann(adversarial=adversarial)
+    without.load_state_dict(with_mcc.state_dict())  # MCC has no parameters: the same state dict
+    reference = copy.deepcopy(with_mcc)
+    capture = GradCapture()
+    trainer = make_trainer(max_steps=1, callbacks=[capture], log_every_n_steps=1)
+    trainer.fit(with_mcc, DataLoader(data, batch_size=len(data)))
+    g_mcc = capture.grads[0]
+    g_plain = first_step_grads(without, data)
+
+    mcc = MinimumClassConfusionLoss(2.0)(reference(stacked(data, "target")))
+    expected = term_gradients(reference, 0.7 * mcc)
+    assert float(trainer.callback_metrics["train/mcc/loss_step"]) == pytest.approx(float(mcc.detach()), rel=1e-5)
+    for name in ("head.net.1.weight", "backbone.body.net.0.weight"):
+        assert expected[name].abs().max() > 1e-5, name
+    for name, grad in g_mcc.items():
+        torch.testing.assert_close(grad - g_plain[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_mcc_needs_the_target_batch_even_without_target_statistics() -> None:
+    """Source-only with ``target_statistics=False`` skips the target batch, unless a target term needs it."""
+    data = domain_pairs(8)
+    for mcc_weight, seen in ((0.0, [8]), (1.0, [16])):
+        model = tiny_dann(adversarial=False, target_statistics=False, mcc_weight=mcc_weight)
+        calls: list[int] = []
+        model.backbone.register_forward_hook(lambda m, args, out, calls=calls: calls.append(len(args[0])))
+        first_step_grads(model, data)
+        assert calls == seen
+
+
+def test_self_training_trains_the_strong_view_towards_confident_pseudo_labels() -> None:
+    """With the strong augmentation replaced by the identity (so the expected gradient can be written here) and a
+    threshold every prediction passes, the step's gradient differs from the one without self-training by the
+    weight times the gradient of ``mean CE(logits, argmax logits)`` with the pseudo-labels held fixed. With
+    threshold 1 no prediction passes: the gradients are those without self-training."""
+    data = image_pairs(8)
+    plain = tiny_dann(net=TinyImageNet(), adversarial=False)
+    g_plain = first_step_grads(copy.deepcopy(plain), data)
+    ratios: dict[float, float] = {}
+    for threshold in (0.05, 1.0):
+        model = tiny_dann(net=TinyImageNet(), adversarial=False, self_training_weight=0.5)
+        model.hparams.self_training_threshold = threshold
+        model.self_training = ConfidenceThresholdedSelfTraining(threshold)
+        model.load_state_dict(plain.state_dict())
+        model.strong_augment = nn.Identity()
+        capture = GradCapture()
+        trainer = make_trainer(max_steps=1, callbacks=[capture], log_every_n_steps=1)
+        trainer.fit(model, DataLoader(data, batch_size=len(data)))
+        ratios[threshold] = float(trainer.callback_metrics["train/self_training/mask_ratio_step"])
+        assert float(trainer.callback_metrics["train/self_training/threshold"]) == pytest.approx(threshold)
+        reference = copy.deepcopy(plain)
+        logits = reference(stacked(data, "target"))
+        pseudo_labels = logits.detach().argmax(-1)
+        kept = float(threshold <= 0.05)
+        expected = term_gradients(reference, 0.5 * kept * F.cross_entropy(logits, pseudo_labels))
+        assert (expected["head.net.1.weight"].abs().max() > 1e-5) == bool(kept)
+        for name, grad in capture.grads[0].items():
+            torch.testing.assert_close(grad - g_plain[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert ratios == {0.05: 1.0, 1.0: 0.0}
+
+
+class TargetTermsRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        keys = [k for k in metrics if k.startswith("train/self_training/") and not k.endswith("_epoch")]
+        self.rows.append({"step": trainer.global_step - 1, **{k: float(metrics[k]) for k in keys}})
+
+
+def test_self_training_weight_ramps_with_training_progress() -> None:
+    """``self_training_warmup=0.5`` over 6 steps: the logged weight is ``0.8 · min(1, (step / 6) / 0.5)``, a pure
+    function of progress; the mask ratio, loss and threshold are logged at every step, the strong view being
+    StrongAugmentBatch's (beside CDAN+E, with MCC as well)."""
+    recorder = TargetTermsRecorder()
+    model = tiny_dann(
+        net=TinyImageNet(),
+        method="cdan",
+        mcc_weight=1.0,
+        self_training_weight=0.8,
+        self_training_threshold=0.4,
+        self_training_warmup=0.5,
+    )
+    trainer = make_trainer(max_steps=6, callbacks=[recorder], log_every_n_steps=1)
+    trainer.fit(model, DataLoader(image_pairs(24), batch_size=4))
+    assert [r["step"] for r in recorder.rows] == list(range(6))
+    for row in recorder.rows:
+        assert row["train/self_training/weight"] == pytest.approx(0.8 * min(1.0, row["step"] / 6 / 0.5))
+        assert row["train/self_training/threshold"] == pytest.approx(0.4)
+        assert 0.0 <= row["train/self_training/mask_ratio_step"] <= 1.0
+        assert math.isfinite(row["train/self_training/loss_step"]) and row["train/self_training/loss_step"] >= 0
+    assert any(r["train/self_training/mask_ratio_step"] > 0 for r in recorder.rows)
+    metrics = trainer.callback_metrics
+    for key in ("train/mcc/loss_epoch", "train/domain/loss_epoch", "train/self_training/mask_ratio_epoch"):
+        assert math.isfinite(float(metrics[key])), key
+    assert model.describe() == {"method": "cdan+e+mcc+self-training"}
+
+
+def test_self_training_resumes_its_strong_views_and_ramp(tmp_path: Path) -> None:
+    """The strong view draws from the training stream, which checkpoints carry (``TrainingRandomState``), and the
+    ramp is a function of progress: 6 steps uninterrupted equal 3 steps, a checkpoint mid-epoch, and 3 resumed
+    steps in a module of another initialisation (resumable loaders as in tests/test_resume_dann_probe.py)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import CombinedLoader
+    from test_resume import ResumableLoader, StopAt
+
+    pairs = image_pairs(8)
+
+    def module(seed: int) -> DANNModule:
+        torch.manual_seed(seed)
+        return tiny_dann(
+            net=TinyImageNet(), self_training_weight=1.0, self_training_threshold=0.05, self_training_warmup=0.5
+        )
+
+    def loader() -> CombinedLoader:  # 2 steps per epoch
+        sides = {side: ResumableLoader([p[side] for p in pairs], batch_size=4) for side in ("source", "target")}
+        return CombinedLoader(sides, "max_size_cycle")
+
+    settings = {"max_steps": 6, "max_epochs": -1, "log_every_n_steps": 1}
+    recorder = TargetTermsRecorder()
+    uninterrupted = module(0)
+    make_trainer(**settings, callbacks=[recorder]).fit(uninterrupted, loader())
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    make_trainer(**settings, enable_checkpointing=True, callbacks=[StopAt(3), saver]).fit(module(0), loader())
+    [ckpt] = sorted(tmp_path.glob("*.ckpt"))
+    resumed_recorder = TargetTermsRecorder()
+    resumed = module(1)
+    make_trainer(**settings, callbacks=[resumed_recorder]).fit(resumed, loader(), ckpt_path=ckpt, weights_only=True)
+    assert [r["step"] for r in resumed_recorder.rows] == [3, 4, 5]
+    assert resumed_recorder.rows == recorder.rows[3:]  # the same losses, mask ratios and ramped weights
+    assert recorder.rows[3]["train/self_training/loss_step"] > 0  # the strong view matters to the step
+    for name, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_self_training_refuses_inputs_it_cannot_augment() -> None:
+    model = tiny_dann(self_training_weight=1.0)  # TinyNet: (B, 4) vectors, not images
+    with pytest.raises(ValueError, match=r"image batches \(B, C, H, W\) only.*self_training_weight: 0"):
+        make_trainer(max_steps=1).fit(model, DataLoader(domain_pairs(8), batch_size=4))
+
+
+def test_describe_names_the_target_terms() -> None:
+    assert tiny_dann(mcc_weight=1.0).describe() == {"method": "dann+mcc"}
+    assert tiny_dann(adversarial=False, mcc_weight=1.0).describe() == {"method": "source-only+mcc"}
+    assert tiny_dann(adversarial=False, self_training_weight=1.0).describe() == {"method": "source-only+self-training"}
+    both = tiny_dann(method="cdan", entropy_conditioning=False, self_training_weight=0.5, mcc_weight=0.1)
+    assert both.describe() == {"method": "cdan+mcc+self-training"}
+    off = tiny_dann(mcc_weight=0.0, self_training_weight=0.0)
+    assert off.mcc is None and off.self_training is None and off.describe() == {"method": "dann"}
+    # no parameters: the state dict is the same with or without the target terms
+    assert tiny_dann(mcc_weight=1.0, self_training_weight=1.0).state_dict().keys() == off.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mcc_weight": -0.1}, "mcc_weight and self_training_weight must be finite and >= 0"),
+        ({"self_training_weight": -1.0}, "must be finite and >= 0"),
+        ({"mcc_weight": float("nan")}, "must be finite and >= 0"),
+        ({"mcc_weight": 1.0, "mcc_temperature": 0.0}, "mcc_temperature must be positive"),
+        ({"mcc_temperature": -2.0}, "mcc_temperature must be positive"),
+        ({"self_training_threshold": 0.0}, r"self_training_threshold must be in \(0, 1\]"),
+        ({"self_training_threshold": 1.2}, r"self_training_threshold must be in \(0, 1\]"),
+        ({"self_training_warmup": -0.1}, r"self_training_warmup must be in \[0, 1\]"),
+        ({"self_training_warmup": 1.5}, r"self_training_warmup must be in \[0, 1\]"),
+    ],
+)
+def test_invalid_target_term_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
+    from tlmodules.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny_dann(**kwargs)
+
+
+def test_digits_with_cdan_mcc_and_self_training_under_bf16() -> None:
+    """LeNet on the embedded pair (1×28×28 images, the strong view on real image batches) with CDAN+E, MCC and
+    self-training, 3 steps in bf16-mixed: every logged training value is finite."""
+    torch.manual_seed(0)
+    data = DigitsDomainDataModule(batch_size=16)
+    model = DANNModule(
+        "builtin:lenet",
+        num_classes=10,
+        method="cdan",
+        discriminator_hidden=32,
+        projection_samples=0,
+        mcc_weight=1.0,
+        self_training_weight=1.0,
+        self_training_threshold=0.5,
+    )
+    trainer = make_trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed", log_every_n_steps=1)
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.callback_metrics
+    for key in (
+        "train/source/loss_step",
+        "train/domain/loss_step",
+        "train/mcc/loss_step",
+        "train/self_training/loss_step",
+        "train/self_training/mask_ratio_step",
+        "train/self_training/weight",
+    ):
+        assert math.isfinite(float(metrics[key])), key

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from tlmodules.alignment import ConditionalDomainAdversarialLoss, DomainAdversarialLoss
+from tlmodules.alignment import (
+    ConditionalDomainAdversarialLoss,
+    ConfidenceThresholdedSelfTraining,
+    DomainAdversarialLoss,
+    MinimumClassConfusionLoss,
+    StrongAugmentBatch,
+)
 from tlmodules.backbones import Backbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
 from tlmodules.classification import ClassificationMixin, classification_metrics
@@ -17,7 +24,7 @@ from tlmodules.heads import ClassificationHead, DomainDiscriminator, HeadKind, b
 from tlmodules.information import InformationMaximization
 from tlmodules.labels import IGNORE_INDEX
 from tlmodules.projection import log_domain_projection
-from tlmodules.schedules import LRSchedule, dann_lambda
+from tlmodules.schedules import LRSchedule, dann_lambda, linear_ramp
 
 DOMAINS = ("source", "target")
 
@@ -41,6 +48,14 @@ class DANNModule(ClassificationMixin, TransferModule):
     checkpoints without target labels. ``adversarial=False`` is the source-only baseline through the
     very same pipeline.
 
+    Two terms on the target's predictions add to any of these (``adversarial`` true or false), each when its
+    weight is positive: MCC, the target batch's class confusion (Jin et al., "Minimum Class Confusion for
+    Versatile Domain Adaptation", ECCV 2020; :class:`tlmodules.alignment.MinimumClassConfusionLoss`), and
+    FixMatch-style self-training (Sohn et al., NeurIPS 2020;
+    :class:`tlmodules.alignment.ConfidenceThresholdedSelfTraining`): confident predictions on the target batch
+    as the datamodule gives it (the weak view) become pseudo-labels for a strongly augmented copy
+    (:class:`tlmodules.alignment.StrongAugmentBatch`, image batches only).
+
     Args:
         bottleneck: width of a ``Linear → BatchNorm → ReLU`` layer after the backbone (0: none).
         head, head_hidden, dropout: the label classifier on the features, ``linear`` or ``mlp`` of ``head_hidden``
@@ -56,7 +71,14 @@ class DANNModule(ClassificationMixin, TransferModule):
         target_statistics: with ``adversarial=False``, still pass each target batch through the network
             (no loss on it) so that BatchNorm statistics cover both domains exactly as in the adversarial
             runs: the source-only baseline then differs from DANN by the adversarial loss alone. ``False``
-            trains on source batches only (about half the cost per step).
+            trains on source batches only (about half the cost per step). MCC and self-training need the target
+            batch, so with either of them it is always computed.
+        mcc_weight: weight of the MCC loss on the target logits (0: off); the paper uses 1.
+        mcc_temperature: MCC's softmax temperature ``T > 0``.
+        self_training_weight: weight of the self-training loss (0: off), reached after ``self_training_warmup``.
+        self_training_threshold: confidence in ``(0, 1]`` a target prediction needs to become a pseudo-label.
+        self_training_warmup: fraction of training progress over which the self-training weight rises linearly
+            from 0 to ``self_training_weight`` (0: the full weight from the start).
     """
 
     def __init__(
@@ -91,6 +113,11 @@ class DANNModule(ClassificationMixin, TransferModule):
         pretrained: bool = True,
         projection_samples: int = 500,
         target_statistics: bool = True,
+        mcc_weight: float = 0.0,
+        mcc_temperature: float = 2.5,
+        self_training_weight: float = 0.0,
+        self_training_threshold: float = 0.9,
+        self_training_warmup: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -104,6 +131,9 @@ class DANNModule(ClassificationMixin, TransferModule):
                 f"the discriminator needs discriminator_layers >= 1 and discriminator_hidden >= 1, got "
                 f"{discriminator_layers} and {discriminator_hidden}"
             )
+        check_target_terms(
+            mcc_weight, mcc_temperature, self_training_weight, self_training_threshold, self_training_warmup
+        )
         self.backbone: Backbone = build_backbone(
             backbone,
             weights=weights,
@@ -124,6 +154,13 @@ class DANNModule(ClassificationMixin, TransferModule):
         self.head: ClassificationHead | None = None
         self.alignment: DomainAdversarialLoss | ConditionalDomainAdversarialLoss | None = None
         self._projection: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        # the terms on the target's predictions: no parameters, so checkpoints are the same with or without them
+        self.mcc = MinimumClassConfusionLoss(mcc_temperature) if mcc_weight > 0 else None
+        self.self_training: ConfidenceThresholdedSelfTraining | None = None
+        self.strong_augment: StrongAugmentBatch | None = None
+        if self_training_weight > 0:
+            self.self_training = ConfidenceThresholdedSelfTraining(self_training_threshold)
+            self.strong_augment = StrongAugmentBatch()  # draws from the training stream (see its docstring)
         if num_classes is not None:
             self.size_classifier(num_classes)
 
@@ -153,13 +190,20 @@ class DANNModule(ClassificationMixin, TransferModule):
         self.setup_labels(stage)
 
     def describe(self) -> dict[str, str]:
-        """The method in one word, for run summaries: ``source-only``, ``dann``, ``cdan`` or ``cdan+e``."""
+        """The method in one word, for run summaries: ``source-only``, ``dann``, ``cdan`` or ``cdan+e``, followed by
+        the added target terms, ``+mcc`` and ``+self-training`` (e.g. ``dann+mcc``, ``source-only+self-training``)."""
         hp = self.hparams
         if not hp.adversarial:
-            return {"method": "source-only"}
-        if hp.method == "cdan":
-            return {"method": "cdan+e" if hp.entropy_conditioning else "cdan"}
-        return {"method": "dann"}
+            method = "source-only"
+        elif hp.method == "cdan":
+            method = "cdan+e" if hp.entropy_conditioning else "cdan"
+        else:
+            method = "dann"
+        if self.mcc is not None:
+            method += "+mcc"
+        if self.self_training is not None:
+            method += "+self-training"
+        return {"method": method}
 
     # -- forward ----------------------------------------------------------------------------------
     def features(self, inputs: Any) -> Tensor:
@@ -170,18 +214,41 @@ class DANNModule(ClassificationMixin, TransferModule):
         """Inputs → class logits ``(B, num_classes)``."""
         return self.head(self.features(inputs))
 
-    def _domain_features(self, source: Any, target: Any) -> tuple[Tensor, Tensor]:
-        joinable = isinstance(source, Tensor) and isinstance(target, Tensor) and source.shape[1:] == target.shape[1:]
+    def _domain_features(self, source: Any, target: Any, *more: Any) -> tuple[Tensor, ...]:
+        """Features of the source, the target and any ``more`` batches (the target's strong view): one pass of
+        all of them with ``joint_batch`` (shared BatchNorm statistics, as FixMatch passes its labelled, weak and
+        strong batches), else one pass each."""
+        parts = (source, target, *more)
+        joinable = all(isinstance(p, Tensor) and p.shape[1:] == source.shape[1:] for p in parts)
         if self.hparams.joint_batch and joinable:
-            both = self.features(torch.cat([source, target]))
-            return both[: len(source)], both[len(source) :]
-        return self.features(source), self.features(target)
+            return torch.split(self.features(torch.cat(parts)), [len(p) for p in parts])
+        return tuple(self.features(p) for p in parts)
 
     # -- adversarial loss -------------------------------------------------------------------------
     def adaptation_weight(self) -> float:
         """``λ_p`` at the current step (a pure function of progress: resumes continue it)."""
         progress = self.training_progress(self.global_step)
         return dann_lambda(progress, self.hparams.lambda_max, self.hparams.gamma)
+
+    def current_self_training_weight(self) -> float:
+        """The self-training weight at the current step: ``self_training_weight`` times the linear ramp over the
+        first ``self_training_warmup`` of training (a pure function of progress: resumes continue it)."""
+        progress = self.training_progress(self.global_step)
+        return self.hparams.self_training_weight * linear_ramp(progress, self.hparams.self_training_warmup)
+
+    def _strong_view(self, inputs: Any) -> Tensor:
+        """The target batch's strongly augmented copy (:class:`tlmodules.alignment.StrongAugmentBatch`)."""
+        if not (isinstance(inputs, Tensor) and inputs.dim() == 4 and inputs.is_floating_point()):
+            kind = type(inputs).__name__
+            if isinstance(inputs, Tensor):
+                kind = f"a {inputs.dtype} tensor of shape {tuple(inputs.shape)}"
+            raise ConfigError(
+                "self-training trains the target's predictions on a strongly augmented copy of each target batch, "
+                f"which exists for image batches (B, C, H, W) only; the target inputs here are {kind} (text, "
+                "tokens or tables cannot be image-augmented). Set self_training_weight: 0 (MCC, mcc_weight, works "
+                "on any input)"
+            )
+        return self.strong_augment(inputs)
 
     @property
     def discriminator(self) -> nn.Module | None:
@@ -207,11 +274,17 @@ class DANNModule(ClassificationMixin, TransferModule):
             )
         inputs_s, labels_s = unpack_batch(batch["source"])
         inputs_t, _ = unpack_batch(batch["target"])
-        if self.alignment is not None or self.hparams.target_statistics:
-            feats_s, feats_t = self._domain_features(inputs_s, inputs_t)
-        else:  # source-only without target statistics: the target batch plays no part at all
+        target_terms = self.mcc is not None or self.self_training is not None
+        strong = [self._strong_view(inputs_t)] if self.self_training is not None else []
+        feats_strong = None
+        if self.alignment is not None or self.hparams.target_statistics or target_terms:
+            feats_s, feats_t, *rest = self._domain_features(inputs_s, inputs_t, *strong)
+            feats_strong = rest[0] if rest else None
+        else:  # source-only without target statistics or target terms: the target batch plays no part at all
             feats_s, feats_t = self.features(inputs_s), None
         logits_s = self.head(feats_s)
+        conditional = isinstance(self.alignment, ConditionalDomainAdversarialLoss)
+        logits_t = self.head(feats_t) if conditional or target_terms else None
         loss = self.classification_loss(logits_s, labels_s)
         batch_size = len(labels_s)
         self.log("train/source/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -219,8 +292,8 @@ class DANNModule(ClassificationMixin, TransferModule):
         self.accumulate_epoch_mean("train/source/acc", accuracy, batch_size)
         if self.alignment is not None:
             coefficient = self.adaptation_weight()
-            if isinstance(self.alignment, ConditionalDomainAdversarialLoss):
-                domain_loss, domain_acc = self.alignment(feats_s, feats_t, logits_s, self.head(feats_t), coefficient)
+            if conditional:
+                domain_loss, domain_acc = self.alignment(feats_s, feats_t, logits_s, logits_t, coefficient)
             else:
                 domain_loss, domain_acc = self.alignment(feats_s, feats_t, coefficient)
             loss = loss + domain_loss
@@ -228,6 +301,26 @@ class DANNModule(ClassificationMixin, TransferModule):
             self.accumulate_epoch_mean("train/domain/acc", domain_acc, batch_size)
             if self.logging_step():
                 self.log("train/lambda", coefficient, on_step=True, on_epoch=False)
+        if self.mcc is not None:
+            mcc_loss = self.mcc(logits_t)
+            loss = loss + self.hparams.mcc_weight * mcc_loss
+            self.log("train/mcc/loss", mcc_loss, on_step=True, on_epoch=True, batch_size=len(logits_t))
+        if self.self_training is not None:
+            weight = self.current_self_training_weight()
+            st_loss, mask_ratio = self.self_training(logits_t, self.head(feats_strong))
+            loss = loss + weight * st_loss
+            self.log("train/self_training/loss", st_loss, on_step=True, on_epoch=True, batch_size=len(logits_t))
+            self.log(
+                "train/self_training/mask_ratio", mask_ratio, on_step=True, on_epoch=True, batch_size=len(logits_t)
+            )
+            if self.logging_step():
+                self.log("train/self_training/weight", weight, on_step=True, on_epoch=False)
+                self.log(
+                    "train/self_training/threshold",
+                    float(self.hparams.self_training_threshold),
+                    on_step=True,
+                    on_epoch=False,
+                )
         self.log_learning_rates()
         return loss
 
@@ -298,3 +391,32 @@ class DANNModule(ClassificationMixin, TransferModule):
         inputs, _ = unpack_batch(batch)
         probs = self(inputs).float().softmax(-1)
         return {"index": self.prediction_index(batch, len(probs), dataloader_idx), "probs": probs}
+
+
+def check_target_terms(
+    mcc_weight: float,
+    mcc_temperature: float,
+    self_training_weight: float,
+    self_training_threshold: float,
+    self_training_warmup: float,
+) -> None:
+    """Refuse settings of the MCC and self-training terms that cannot work, naming the fix (the comparisons are
+    written so that NaN fails them too)."""
+    if not all(math.isfinite(w) and w >= 0 for w in (mcc_weight, self_training_weight)):
+        raise ConfigError(
+            f"mcc_weight and self_training_weight must be finite and >= 0 (0 turns the term off), got {mcc_weight} "
+            f"and {self_training_weight}"
+        )
+    if not (math.isfinite(mcc_temperature) and mcc_temperature > 0):
+        raise ConfigError(
+            f"mcc_temperature must be positive (1 is the plain softmax, 2.5 the default), got {mcc_temperature}"
+        )
+    if not 0.0 < self_training_threshold <= 1.0:
+        raise ConfigError(
+            f"self_training_threshold must be in (0, 1] (a confidence, e.g. 0.9 or FixMatch's 0.95), got "
+            f"{self_training_threshold}"
+        )
+    if not 0.0 <= self_training_warmup <= 1.0:
+        raise ConfigError(
+            f"self_training_warmup must be in [0, 1] (a fraction of training; 0: no ramp), got {self_training_warmup}"
+        )

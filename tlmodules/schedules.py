@@ -83,3 +83,12 @@ def dann_lr_factor(progress: float, alpha: float = 10.0, beta: float = 0.75) -> 
     """DANN's annealing ``μ_p / μ_0 = 1 / (1 + α p)^β`` (Ganin et al., JMLR 2016, §5.2.2)."""
     progress = min(max(progress, 0.0), 1.0)
     return (1.0 + alpha * progress) ** (-beta)
+
+
+def linear_ramp(progress: float, warmup: float) -> float:
+    """A weight's multiplier at training ``progress`` ∈ [0, 1]: rising linearly from 0 to 1 over the first
+    ``warmup`` of training, then 1 (``warmup = 0``: 1 from the start). A pure function of progress, so a resumed
+    run continues it."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, max(0.0, progress) / warmup)
