@@ -7,6 +7,7 @@ from datamodules.conll import ConllDataModule, align_word_labels
 from datamodules.domain import DomainAdaptationDataModule
 from datamodules.images import ImageFolderDataModule
 from datamodules.multitask import MultiTaskDataModule
+from datamodules.photo_digits import DigitsOnPhotosDataModule
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.tables import DataError
 from datamodules.text import TextClassificationDataModule
@@ -16,6 +17,7 @@ __all__ = [
     "ConllDataModule",
     "DataError",
     "DigitsDomainDataModule",
+    "DigitsOnPhotosDataModule",
     "DomainAdaptationDataModule",
     "ImageFolderDataModule",
     "MultiTaskDataModule",
