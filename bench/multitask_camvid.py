@@ -11,7 +11,7 @@ frames; only the task list and the weighting change:
 - ``multitask_<weighting>``: segmentation + ``drivable`` (a per-pixel mask of Road) + ``objects`` (which of Car,
   Pedestrian, Bicyclist, SignSymbol cover more than 0.1 % of the frame: multilabel) + ``road_share`` (the share
   of Road pixels: regression), for ``equal``, ``static`` (auxiliary tasks at 0.5), ``uncertainty``, ``dwa`` and
-  ``rlw``.
+  ``rlw``, and ``multitask_static_low`` (auxiliary tasks at 0.1).
 
 Reported per model: test mIoU, per-class IoU, pixel accuracy, presence F1 (macro over the four objects) read
 from the ``objects`` head and, for every model, from the predicted segmentation (a class is present where it
@@ -51,7 +51,8 @@ OUTPUT = RESULTS / "multitask_camvid.json"
 OBJECTS = ["Car", "Pedestrian", "Bicyclist", "SignSymbol"]
 MIN_SHARE = 0.001
 WEIGHTINGS = ("equal", "static", "uncertainty", "dwa", "rlw")
-METHODS = ("segmentation_only", *(f"multitask_{w}" for w in WEIGHTINGS))
+METHODS = ("segmentation_only", *(f"multitask_{w}" for w in WEIGHTINGS), "multitask_static_low")
+LOW_AUXILIARY_WEIGHT = 0.1  # multitask_static_low: the auxiliary tasks at 0.1, segmentation at 1
 SEGMENTATION_TASK = {"name": "scene", "kind": "segmentation", "class_weights": "median_frequency"}
 AUXILIARY_TASKS = [
     {"name": "drivable", "kind": "mask", "classes": ["Road"], "weight": 0.5},
@@ -79,6 +80,9 @@ def build(method: str, seed: int) -> tuple[Any, Any, dict[str, Any]]:
         **{**data_args, "val_fraction": 0.0, "seed": seed, "num_workers": 0},
     )
     weighting = "equal" if method == "segmentation_only" else method.removeprefix("multitask_")
+    if weighting == "static_low":
+        weighting = "static"
+        model_args["weighting_args"] = {"weights": {t["name"]: LOW_AUXILIARY_WEIGHT for t in AUXILIARY_TASKS}}
     model = MultiTaskModule(**{**model_args, "weighting": weighting})
     return model, data, trainer_args
 
