@@ -193,6 +193,32 @@ def multitask_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> Da
     return DataCase(args, num_classes=0, task_names=[t["name"] for t in tasks], num_features=4)
 
 
+def segmentation_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
+    """Train and val folders of four 48×64 frames each, masks of the recipe's classes (CamVid's 11, value 11 void)."""
+    import numpy as np
+    from PIL import Image
+
+    tmp_path = request.getfixturevalue("tmp_path")
+    names = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian"]
+    names.append("Bicyclist")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for folder in ("images", "labels"):
+            (tmp_path / "scenes" / split / folder).mkdir(parents=True)
+        for i in range(4):
+            mask = np.kron(rng.integers(0, 12, (6, 8)), np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
+            Image.fromarray(mask).save(tmp_path / "scenes" / split / "labels" / f"f{i}.png")
+            Image.fromarray((mask[..., None] * [20, 10, 5]).astype(np.uint8)).save(
+                tmp_path / "scenes" / split / "images" / f"f{i}.png"
+            )
+    (tmp_path / "scenes" / "classes.txt").write_text("\n".join(names) + "\n")
+    args = [f"--data.init_args.{s}_dir={tmp_path / 'scenes' / s}" for s in ("train", "val")]
+    args += ["--data.init_args.test_dir=null", f"--data.init_args.class_names={tmp_path / 'scenes' / 'classes.txt'}"]
+    args += ["--data.init_args.batch_size", "2", "--trainer.log_every_n_steps", "1"]
+    tasks = data_args(recipe)["tasks"]
+    return DataCase(args, num_classes=0, task_names=[t["name"] for t in tasks])
+
+
 def domain_pair_case(recipe: dict[str, Any], request: pytest.FixtureRequest) -> DataCase:
     """Each side of a DomainAdaptationDataModule pointed at tiny data of its own datamodule class."""
     args: list[str] = []
@@ -221,6 +247,7 @@ def check_task_links(cli: Any, case: DataCase) -> None:
 
 DATA_CASES: dict[str, Callable[[dict[str, Any], pytest.FixtureRequest], DataCase]] = {
     "MultiTaskDataModule": multitask_case,
+    "SegmentationDataModule": segmentation_case,
     "SklearnDigitsDataModule": digits_case,
     "DigitsDomainDataModule": digits_domain_case,
     "DomainAdaptationDataModule": domain_pair_case,
@@ -396,7 +423,7 @@ def check_multitask_run(cli: Any, recipe: dict[str, Any], case: DataCase, runs: 
     scalars = event_scalars(runs / run_name(recipe))
     assert monitored(recipe) in scalars
     for task in cli.datamodule.tasks:
-        metric = "rmse" if task["kind"] == "regression" else "acc"
+        metric = {"regression": "rmse", "segmentation": "miou", "mask": "iou"}.get(task["kind"], "acc")
         assert f"val/{task['name']}/{metric}" in scalars
         assert f"train/weight/{task['name']}" in scalars
 

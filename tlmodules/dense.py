@@ -304,6 +304,7 @@ class DenseHead(nn.Module):
     def __init__(self, channels: int, num_outputs: int) -> None:
         super().__init__()
         self.classifier = nn.Conv2d(channels, num_outputs, kernel_size=1)
+        self.num_classes = num_outputs  # as ClassificationHead names its output width
 
     def forward(self, decoded: Tensor, size: tuple[int, int]) -> Tensor:
         """``decoded`` ``(B, D, h, w)`` → logits ``(B, num_outputs, *size)``."""
