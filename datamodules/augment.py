@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from datamodules.samplers import mix_seed
-from tlmodules.random_state import gather_per_process, select_process
+from tlmodules.random_state import SeededBatchTransform, gather_per_process, select_process
 
 
-class RandomAffineBatch(nn.Module):
+class RandomAffineBatch(SeededBatchTransform):
     """An independent random rotation, scale and translation of each image of a batch, in one
     ``grid_sample`` call: ``(B, C, H, W) → (B, C, H, W)``, same dtype and device.
 
@@ -47,22 +47,6 @@ class RandomAffineBatch(nn.Module):
                 f"got degrees={degrees}, translate={translate}, scale={scale}"
             )
         self.degrees, self.translate, self.scale, self.padding_mode = degrees, translate, tuple(scale), padding_mode
-        self.generator: torch.Generator | None = None  # None: torch's global CPU generator
-
-    def manual_seed(self, seed: int) -> RandomAffineBatch:
-        """Draw from a CPU generator of its own, seeded with ``seed``, from now on."""
-        self.generator = torch.Generator().manual_seed(seed)
-        return self
-
-    def get_rng_state(self) -> Tensor | None:
-        """Its own generator's state (a uint8 tensor); ``None`` while it draws from the global generator."""
-        return None if self.generator is None else self.generator.get_state()
-
-    def set_rng_state(self, state: Tensor) -> None:
-        """Continue from a :meth:`get_rng_state` state (with a generator of its own from now on)."""
-        if self.generator is None:
-            self.generator = torch.Generator()
-        self.generator.set_state(state.to(torch.uint8).cpu())
 
     def matrices(self, batch: int, device: torch.device) -> Tensor:
         """Sampling grids' affine maps ``(B, 2, 3)`` (output → input coordinates in ``[-1, 1]``), drawn on the

@@ -14,7 +14,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from datamodules.augment import RandomAffineBatch
 from datamodules.base import ClassificationDataModule, checked_label_list, hash_json, seeded_split
-from datamodules.samplers import mix_seed
+from datamodules.samplers import PassSeeds
 from datamodules.tables import DataError
 from tlmodules.backbones import Preprocessing, resolve_preprocessing
 from tlmodules.labels import IGNORE_INDEX
@@ -112,17 +112,14 @@ class ImageSamples(Dataset):
         self.sources = list(sources)
         self.labels = list(labels)
         self.transform = transform
-        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # [named?, key]
+        self.seeds = PassSeeds()
 
     def set_pass(self, key: int) -> None:
-        """Seed every item's random transform by ``(key, index)`` from now on."""
-        self._pass[1] = int(key)
-        self._pass[0] = 1
+        """Seed every item's random transform by ``(key, index)`` from now on (:class:`PassSeeds`)."""
+        self.seeds.set_pass(key)
 
     def item_seed(self, index: int) -> int | None:
-        """The seed of item ``index``'s random transform in the current pass; ``None`` before any pass."""
-        named, key = self._pass.tolist()
-        return mix_seed(key, index) if named else None
+        return self.seeds.item_seed(index)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -134,12 +131,7 @@ class ImageSamples(Dataset):
         else:
             with Image.open(source) as handle:
                 image = handle.copy()
-        seed = self.item_seed(index)
-        if seed is None:
-            return {"inputs": self.transform(image), "labels": self.labels[index], "index": index}
-        with torch.random.fork_rng(devices=[]):  # the caller's CPU stream stays as it was
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
-            inputs = self.transform(image)
+        inputs = self.seeds.apply(index, self.transform, image)
         return {"inputs": inputs, "labels": self.labels[index], "index": index}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,39 @@ def mix_seed(*parts: int | str) -> int:
     """
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class PassSeeds:
+    """The seeds of a dataset's random per-item transforms, once a training loader has named the pass.
+
+    :class:`datamodules.loaders.ResumableLoader` calls the dataset's ``set_pass(key)`` with a seed of ``(seed,
+    epoch, cycle)``; from then on item ``index`` transforms under the seed ``mix_seed(key, index)``: the same draws
+    whichever worker process reads it, in whatever order, and again in a resumed run. The key lives in shared
+    memory, so persistent workers (copies of the dataset made once) see each new pass. Before any pass is named
+    the transform draws from the global generator.
+    """
+
+    def __init__(self) -> None:
+        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # [named?, key]
+
+    def set_pass(self, key: int) -> None:
+        """Seed every item's random transform by ``(key, index)`` from now on."""
+        self._pass[1] = int(key)
+        self._pass[0] = 1
+
+    def item_seed(self, index: int) -> int | None:
+        """The seed of item ``index``'s random transform in the current pass; ``None`` before any pass."""
+        named, key = self._pass.tolist()
+        return mix_seed(key, index) if named else None
+
+    def apply(self, index: int, transform: Callable[..., Any], *args: Any) -> Any:
+        """``transform(*args)`` drawing from item ``index``'s seed, leaving the caller's CPU stream as it was."""
+        seed = self.item_seed(index)
+        if seed is None:
+            return transform(*args)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
+            return transform(*args)
 
 
 class ResumableSampler(DistributedSampler):

@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import functional as F
 
 from datamodules.base import ClassificationDataModule, seeded_split
 from datamodules.images import find_corrupt_images, list_images
-from datamodules.samplers import mix_seed
+from datamodules.samplers import PassSeeds
 from datamodules.tables import DataError
 from tlmodules.backbones import resolve_preprocessing
 from tlmodules.labels import IGNORE_INDEX
@@ -199,17 +199,14 @@ class SegmentationSamples(Dataset):
         self.tasks = [dict(task) for task in tasks]
         self.num_classes = num_classes
         self.ignore_value = ignore_value
-        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # [named?, key]
+        self.seeds = PassSeeds()
 
     def set_pass(self, key: int) -> None:
-        """Seed every item's random transform by ``(key, index)`` from now on."""
-        self._pass[1] = int(key)
-        self._pass[0] = 1
+        """Seed every item's random transform by ``(key, index)`` from now on (:class:`PassSeeds`)."""
+        self.seeds.set_pass(key)
 
     def item_seed(self, index: int) -> int | None:
-        """The seed of item ``index``'s random transform in the current pass; ``None`` before any pass."""
-        named, key = self._pass.tolist()
-        return mix_seed(key, index) if named else None
+        return self.seeds.item_seed(index)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -221,13 +218,7 @@ class SegmentationSamples(Dataset):
             mask = torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.int64)
         else:
             mask = map_void(read_mask(self.masks[index]), self.ignore_value)
-        seed = self.item_seed(index)
-        if seed is None:
-            inputs, mask = self.transform(image, mask)
-        else:
-            with torch.random.fork_rng(devices=[]):  # the caller's CPU stream stays as it was
-                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
-                inputs, mask = self.transform(image, mask)
+        inputs, mask = self.seeds.apply(index, self.transform, image, mask)
         return {"inputs": inputs, "labels": derive_labels(mask, self.tasks, self.num_classes), "index": index}
 
 

@@ -183,3 +183,28 @@ class TrainingRandomState(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = list(state_dict.get("processes") or []) or None
+
+
+class SeededBatchTransform(torch.nn.Module):
+    """Base of the random transforms of whole batches: they draw from torch's global CPU generator, or, after
+    :meth:`manual_seed`, from a CPU generator of their own (:attr:`generator`), whose state a datamodule or a
+    checkpoint can carry (:meth:`get_rng_state` / :meth:`set_rng_state`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator: torch.Generator | None = None  # None: torch's global CPU generator
+
+    def manual_seed(self, seed: int) -> SeededBatchTransform:
+        """Draw from a CPU generator of its own, seeded with ``seed``, from now on."""
+        self.generator = torch.Generator().manual_seed(seed)
+        return self
+
+    def get_rng_state(self) -> torch.Tensor | None:
+        """Its own generator's state (a uint8 tensor); ``None`` while it draws from the global generator."""
+        return None if self.generator is None else self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Continue from a :meth:`get_rng_state` state (with a generator of its own from now on)."""
+        if self.generator is None:
+            self.generator = torch.Generator()
+        self.generator.set_state(state.to(torch.uint8).cpu())

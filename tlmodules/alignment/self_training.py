@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tlmodules.errors import ConfigError
+from tlmodules.random_state import SeededBatchTransform
 
 
 class ConfidenceThresholdedSelfTraining(nn.Module):
@@ -51,7 +52,7 @@ class ConfidenceThresholdedSelfTraining(nn.Module):
         return (losses * mask).mean(), mask.mean()
 
 
-class StrongAugmentBatch(nn.Module):
+class StrongAugmentBatch(SeededBatchTransform):
     """A strong random augmentation of each image of a batch, on the batch's device, in a few whole-batch torch
     ops: ``(B, C, H, W) → (B, C, H, W)``, same dtype and device. FixMatch's strong view (there RandAugment and
     Cutout on each PIL image), for images that arrive as tensor batches.
@@ -110,22 +111,6 @@ class StrongAugmentBatch(nn.Module):
         self.degrees, self.translate, self.scale, self.shear = degrees, translate, tuple(scale), shear
         self.brightness, self.contrast, self.saturation, self.erase = brightness, contrast, saturation, erase
         self.padding_mode = padding_mode
-        self.generator: torch.Generator | None = None  # None: torch's global CPU generator
-
-    def manual_seed(self, seed: int) -> StrongAugmentBatch:
-        """Draw from a CPU generator of its own, seeded with ``seed``, from now on."""
-        self.generator = torch.Generator().manual_seed(seed)
-        return self
-
-    def get_rng_state(self) -> Tensor | None:
-        """Its own generator's state (a uint8 tensor); ``None`` while it draws from the global generator."""
-        return None if self.generator is None else self.generator.get_state()
-
-    def set_rng_state(self, state: Tensor) -> None:
-        """Continue from a :meth:`get_rng_state` state (with a generator of its own from now on)."""
-        if self.generator is None:
-            self.generator = torch.Generator()
-        self.generator.set_state(state.to(torch.uint8).cpu())
 
     def draw(self, batch: int, device: torch.device) -> dict[str, Tensor]:
         """Each image's parameters, ``(B,)`` each (``theta``: the sampling grids' affine maps ``(B, 2, 3)``, output
