@@ -154,8 +154,8 @@ def separate_parameters() -> int:
 
     model_args = recipe_arguments(RECIPE)[0]
     total = 0
-    for task in [SEGMENTATION_TASK, *AUXILIARY_TASKS]:
-        model = MultiTaskModule(**{**model_args, "tasks": data_tasks([task])})
+    for task in data_tasks([SEGMENTATION_TASK, *AUXILIARY_TASKS]):  # the training masks are read once
+        model = MultiTaskModule(**{**model_args, "tasks": [task]})
         total += sum(p.numel() for p in model.parameters())
     return total
 

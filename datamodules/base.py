@@ -90,14 +90,18 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
-def checked_label_list(labels: Sequence[Any], what: str = "class", plural: str = "classes") -> list[str]:
-    """A user's fixed label list as strings: two or more, each named once."""
+def checked_label_list(
+    labels: Sequence[Any], what: str = "class", plural: str = "classes", where: str | None = None
+) -> list[str]:
+    """A user's fixed label list as strings: two or more, each named once; ``where`` names it in errors
+    (default ``labels=[...]``)."""
     names = [str(v) for v in labels]
+    where = where or f"labels={names}"
     if len(names) < 2:
-        raise DataError(f"labels={names} names fewer than two {plural}; give two or more")
+        raise DataError(f"{where} names fewer than two {plural}; give two or more")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise DataError(f"labels={names} names {twice} more than once; list each {what} once")
+        raise DataError(f"{where} names {twice} more than once; list each {what} once")
     return names
 
 

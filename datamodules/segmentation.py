@@ -34,7 +34,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from datamodules.base import ClassificationDataModule, seeded_split
+from datamodules.base import ClassificationDataModule, checked_label_list, seeded_split
 from datamodules.images import find_corrupt_images, list_images
 from datamodules.samplers import PassSeeds
 from datamodules.tables import DataError
@@ -64,12 +64,7 @@ def read_class_names(class_names: Sequence[str] | str | Path | None) -> list[str
     else:
         names = [str(name) for name in class_names]
         where = f"class_names={names}"
-    if len(names) < 2:
-        raise DataError(f"{where} names fewer than two classes; {fix}")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise DataError(f"{where} names {twice} more than once; list each class once")
-    return names
+    return checked_label_list(names, where=where)
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -154,6 +154,11 @@ def test_class_names_required_or_read_from_file(tmp_path: Path) -> None:
     assert dm.class_names == NAMES and dm.num_classes == 6
     with pytest.raises(DataError, match="is not a file"):
         SegmentationDataModule(train_dir=str(root), class_names=str(tmp_path / "nope.txt"))
+    names.write_text("sky\nroad\nsky\n")
+    with pytest.raises(DataError, match=r"class_names file .*classes.txt names \['sky'\] more than once"):
+        SegmentationDataModule(train_dir=str(root), class_names=str(names))
+    with pytest.raises(DataError, match=r"class_names=\['sky'\] names fewer than two classes"):
+        SegmentationDataModule(train_dir=str(root), class_names=["sky"])
 
 
 @pytest.mark.parametrize(

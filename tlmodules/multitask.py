@@ -30,7 +30,6 @@ from tlmodules.dense_tasks import (
     dense_metrics,
     dense_prediction,
     dense_scores,
-    iou_from_confusion,
     is_dense,
     score_key,
 )
@@ -277,10 +276,6 @@ class MultiTaskModule(TransferModule):
         """Whether the model has per-pixel tasks (and so a spatial trunk)."""
         return self.stage_plan is not None
 
-    @property
-    def dense_task_names(self) -> list[str]:
-        return [t["name"] for t in self.tasks if is_dense(t)]
-
     def features(self, inputs: Any) -> Tensor:
         """The per-image heads' features ``(B, W)``: the backbone's, or with dense tasks the global average of
         the coarsest feature map."""
@@ -447,9 +442,8 @@ class MultiTaskModule(TransferModule):
                 values = metrics.compute()
                 prefix = f"{stage}/{task['name']}/"
                 if is_dense(task):
-                    confusion = values[f"{prefix}confusion"]
-                    values = dense_scores(task, confusion, prefix)
-                    self._log_iou_table(task, confusion, stage)
+                    values = dense_scores(task, values[f"{prefix}confusion"], prefix)
+                    self._log_iou_table(task, values, prefix)
                 key = score_key(task) if is_dense(task) else "r2" if task["kind"] == "regression" else "acc"
                 logged.update(values)
                 scores.append(values[f"{prefix}{key}"])
@@ -459,14 +453,15 @@ class MultiTaskModule(TransferModule):
         self.log_dict(logged)
         return logged
 
-    def _log_iou_table(self, task: Mapping[str, Any], confusion: Tensor, stage: str) -> None:
-        """The per-class IoU table of a segmentation task as TensorBoard text (first process only)."""
+    def _log_iou_table(self, task: Mapping[str, Any], scores: Mapping[str, Tensor], prefix: str) -> None:
+        """The per-class IoU table of a segmentation task (its :func:`dense_scores`) as TensorBoard text, on the
+        first process only."""
         if task["kind"] != "segmentation" or self.global_rank != 0 or self.trainer.sanity_checking:
             return
         names = task.get("class_names") or [str(c) for c in range(task["num_outputs"])]
-        accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp_min(1))
-        table = iou_table(names, iou_from_confusion(confusion), accuracy)
-        log_text(self.logger, f"{stage}/{task['name']}/iou_table", table, self.global_step)
+        iou = torch.stack([scores[f"{prefix}iou/{name}"] for name in names])
+        table = iou_table(names, iou, float(scores[f"{prefix}pixel_acc"]))
+        log_text(self.logger, f"{prefix}iou_table", table, self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         logged = self._log_stage("val")
