@@ -22,7 +22,18 @@ from conftest import COMMAND_ENV, ROOT
 README = ROOT / "README.md"
 TEXT = README.read_text(encoding="utf-8")
 PAGES = [README, ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-DOC_PAGES = ["finetune", "probe", "dann", "multitask", "data", "backbones", "logging", "distributed", "precision"]
+DOC_PAGES = [
+    "finetune",
+    "probe",
+    "dann",
+    "multitask",
+    "data",
+    "backbones",
+    "logging",
+    "distributed",
+    "precision",
+    "export",
+]
 REQUIRED_LINKS = {*(f"docs/{page}.md" for page in [*DOC_PAGES, "architecture"]), "bench/README.md"}
 
 

@@ -6,7 +6,8 @@ else ``validate``) and used to ``predict`` from the checkpoint the fit wrote. On
 scratch folder (log folder, feature cache, predictions file); the data paths and every other setting stay as
 written. The checks: the checkpoint holds the weights and tlmodules' metadata (label set, backbone, the random
 state for an exact resume), the run summary names the data files, evaluation logs into the fitted run and
-reports metrics in range, and prediction writes one well-formed row per input without opening a run folder.
+reports metrics in range, prediction writes one well-formed row per input without opening a run folder, and
+``train.py export`` writes an ONNX file that reproduces the module.
 """
 
 from __future__ import annotations
@@ -209,3 +210,17 @@ def test_recipe_fits_evaluates_and_predicts_as_written(
     check_ran(done, "predict")
     check_predictions(predictions, meta, recipe)
     assert sorted(p.name for p in (runs / name).iterdir()) == ["version_0"], "predict opened a run folder"
+
+    # export the checkpoint as ONNX: the file reproduces the module (checked by the export itself, on inputs of
+    # another size than traced), and its sidecar names the outputs the predictions file has
+    exported = tmp_path / "onnx"
+    done = train_py(
+        ["export", "--ckpt_path", str(last), "--format", "onnx", "--output", str(exported)], cwd=ROOT, env=env
+    )
+    check_ran(done, "export")
+    sidecar = json.loads((exported / "preprocessing.json").read_text())
+    assert (exported / "model.onnx").is_file() and sidecar["written"]["max_abs_difference"] <= 1e-4
+    names = [t["name"] for t in meta["tasks"]] if meta.get("tasks") else ["probs"]
+    assert [o["name"] for o in sidecar["outputs"]] == names
+    if not meta.get("tasks"):
+        assert sidecar["outputs"][0]["labels"] == meta["class_names"]

@@ -364,16 +364,23 @@ def raised_in(error: BaseException) -> str | None:
     return owner
 
 
-def main(args: list[str] | None = None) -> TransferCLI:
-    """``train.py``: run the CLI; a user's mistake ends as ``error: <message>`` on stderr with exit status 2."""
+def main(args: list[str] | None = None) -> TransferCLI | None:
+    """``train.py``: run the CLI (``export`` runs :mod:`tlmodules.export.command`; it returns ``None``); a user's
+    mistake ends as ``error: <message>`` on stderr with exit status 2."""
     # Lightning's progress reports (devices, "Seed set to 0", "`Trainer.fit` stopped") go to stdout, so that
     # stderr holds problems only: a user's mistake is then the one line there
     for name in ("lightning.pytorch", "lightning.fabric"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and writes_to_stderr(handler.stream):
                 handler.setStream(sys.stdout)
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        check_config_files(sys.argv[1:] if args is None else list(args))
+        if argv[:1] == ["export"]:  # not a Trainer subcommand: tlmodules.export.command parses it
+            from tlmodules.export.command import run as run_export
+
+            run_export(argv[1:])
+            return None
+        check_config_files(argv)
         return TransferCLI(args=args)
     except Exception as err:  # SystemExit and KeyboardInterrupt pass through
         shown = is_user_error(err)
