@@ -90,6 +90,19 @@ def test_lora_adapters_are_trained_and_merged_away(text_checkpoint: Path) -> Non
     assert not [n for n in names if "lora_" in n or "base_layer" in n]
 
 
+def test_export_module_leaves_the_callers_module_as_it_was(text_checkpoint: Path, tmp_path: Path) -> None:
+    module = FineTuneModule.load_from_checkpoint(text_checkpoint, map_location="cpu", weights_only=True).train()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    modes = {n: m.training for n, m in module.named_modules()}
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    export_module(module, "torchscript", tmp_path / "ts")
+    assert module.training and {n: m.training for n, m in module.named_modules()} == modes
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable
+    assert module.backbone.adapter_names and any("lora_" in n for n in trainable)
+    after = module.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_onnx_text_model_matches_the_module_on_uci_sentences(text_checkpoint: Path, tmp_path: Path) -> None:
     folder = export_checkpoint(text_checkpoint, "onnx", tmp_path / "onnx")
     meta = json.loads((folder / "preprocessing.json").read_text())

@@ -22,7 +22,7 @@ from torch import nn
 from tlmodules.errors import ConfigError
 from tlmodules.export.formats import FORMATS, TOLERANCE, WRITERS, ExportCheckError, save_tokenizer
 from tlmodules.export.graph import GraphSpec, graph_spec
-from tlmodules.export.loading import load_module, merge_lora
+from tlmodules.export.loading import load_module, prepared_for_export
 from tlmodules.export.preprocessing import (
     datamodule_settings,
     image_preprocessing,
@@ -61,9 +61,16 @@ def export_module(
     output = Path(output)
     check_output_folder(output)
     settings = dict(settings or {})
-    merge_lora(module.backbone)
-    module.eval()
-    module.requires_grad_(False)
+    with prepared_for_export(module) as ready:
+        write(ready, format, output, image_size, settings, source)
+    return output
+
+
+def write(
+    module: nn.Module, format: str, output: Path, image_size: int | None, settings: dict[str, Any], source: str | None
+) -> None:
+    """Trace ``module`` (ready: eval mode, no gradients, LoRA merged) into a staging folder beside ``output``, check
+    it, and rename the folder into place."""
     spec = graph_spec(module)
     meta = describe(module, spec, format, image_size or settings.get("image_size"), settings, source)
     image_shape = None
@@ -87,7 +94,6 @@ def export_module(
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return output
 
 
 def describe(

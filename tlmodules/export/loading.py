@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +73,32 @@ def merge_lora(backbone: nn.Module) -> int:
     if leftovers:
         raise RuntimeError(f"LoRA parameters left after merging: {leftovers[:3]}")
     return merged
+
+
+@contextmanager
+def prepared_for_export(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode without gradients, and with LoRA merged, for the length of the block; afterwards the
+    caller's module is as it was (modes and ``requires_grad`` restored). A module with LoRA adapters is exported from
+    a copy, because merging replaces its layers; without adapters no copy is made (a feature probe's cache can be
+    large)."""
+    if getattr(module.backbone, "adapter_names", None):
+        trainer = module.__dict__.get("_trainer")
+        module._trainer = None  # a copy of the module, not of the Trainer it is attached to
+        try:
+            target = copy.deepcopy(module)
+        finally:
+            module._trainer = trainer
+        merge_lora(target.backbone)
+    else:
+        target = module
+    modes = {m: m.training for m in target.modules()}
+    grads = {p: p.requires_grad for p in target.parameters()}
+    target.eval()
+    target.requires_grad_(False)
+    try:
+        yield target
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for p, needed in grads.items():
+            p.requires_grad_(needed)
