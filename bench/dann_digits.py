@@ -240,8 +240,10 @@ def run_once(
         "seed": seed,
         "target_acc": 100 * flat["test/target/acc"],
         "im_score": flat.get("test/target/im_score"),
+        "snd": flat.get("test/target/snd"),
         "target_acc_adabn": adabn["acc"],
         "im_score_adabn": adabn["im_score"],
+        "snd_adabn": adabn["snd"],
         "seconds": seconds,
         "ms_per_step": 1000 * seconds / steps,
     }
@@ -251,10 +253,11 @@ def run_once(
 def adabn_evaluation(model: DANNModule, data: DomainAdaptationDataModule) -> dict:
     """AdaBN (Li et al., "Revisiting Batch Normalization For Practical Domain Adaptation", 2016): every BatchNorm's
     statistics re-estimated on the target training images alone (labels unused), then the target evaluation split
-    scored with them: accuracy (%) and the label-free ``im_score``. Works on a copy; the trained model is kept."""
+    scored with them: accuracy (%) and the label-free ``im_score`` and ``snd``. Works on a copy; the trained model is
+    kept."""
     import copy
 
-    from tlmodules.information import InformationMaximization
+    from tlmodules.information import InformationMaximization, SoftNeighborhoodDensity
 
     adapted = copy.deepcopy(model).cpu().eval()
     norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -268,12 +271,18 @@ def adabn_evaluation(model: DANNModule, data: DomainAdaptationDataModule) -> dic
         norm.eval()
     correct = total = 0
     information = InformationMaximization(model.num_classes)
+    density = SoftNeighborhoodDensity()
     for batch in data.target.test_dataloader():
         logits = adapted(batch["inputs"])
         information.update(logits)
+        density.update(logits)
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         total += len(logits)
-    return {"acc": 100 * correct / total, "im_score": float(information.compute()["score"])}
+    return {
+        "acc": 100 * correct / total,
+        "im_score": float(information.compute()["score"]),
+        "snd": float(density.compute()),
+    }
 
 
 def summarise(runs: list[dict]) -> dict:

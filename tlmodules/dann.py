@@ -21,7 +21,7 @@ from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_bat
 from tlmodules.classification import ClassificationMixin, classification_metrics
 from tlmodules.errors import ConfigError
 from tlmodules.heads import ClassificationHead, DomainDiscriminator, HeadKind, build_head, check_head
-from tlmodules.information import InformationMaximization
+from tlmodules.information import InformationMaximization, SoftNeighborhoodDensity
 from tlmodules.labels import IGNORE_INDEX
 from tlmodules.projection import log_domain_projection
 from tlmodules.schedules import LRSchedule, dann_lambda, linear_ramp
@@ -44,8 +44,9 @@ class DANNModule(ClassificationMixin, TransferModule):
     any, are never used for training). Validation and test take one dataloader per domain (names from
     the datamodule's ``val_domains``/``test_domains``, else source then target); target accuracy is
     logged when target labels exist, and always the label-free information-maximisation signals
-    ``val/target/entropy``, ``val/target/diversity`` and ``val/target/im_score`` for choosing
-    checkpoints without target labels. ``adversarial=False`` is the source-only baseline through the
+    ``val/target/entropy``, ``val/target/diversity`` and ``val/target/im_score``, and the soft neighbourhood density
+    ``val/target/snd`` (:class:`tlmodules.information.SoftNeighborhoodDensity`), for choosing checkpoints without
+    target labels. ``adversarial=False`` is the source-only baseline through the
     very same pipeline.
 
     Two terms on the target's predictions add to any of these (``adversarial`` true or false), each when its
@@ -185,6 +186,7 @@ class DANNModule(ClassificationMixin, TransferModule):
         self.target_information = nn.ModuleDict(
             {stage: InformationMaximization(num_classes) for stage in ("val", "test")}
         )
+        self.target_density = nn.ModuleDict({stage: SoftNeighborhoodDensity() for stage in ("val", "test")})
 
     def setup(self, stage: str) -> None:
         self.setup_labels(stage)
@@ -336,6 +338,7 @@ class DANNModule(ClassificationMixin, TransferModule):
         logits = self.head(feats)
         if domain == "target":
             self.target_information[stage].update(logits)
+            self.target_density[stage].update(logits)
         labelled = labels is not None and bool((labels != IGNORE_INDEX).all())
         if labelled:
             key = f"{stage}_{domain}"
@@ -368,6 +371,10 @@ class DANNModule(ClassificationMixin, TransferModule):
             scores = information.compute()
             logged.update({f"{stage}/target/{k if k != 'score' else 'im_score'}": v for k, v in scores.items()})
         information.reset()
+        density = self.target_density[stage]
+        if density.update_called:
+            logged[f"{stage}/target/snd"] = density.compute()
+        density.reset()
         self.log_dict(logged)
         return logged
 
