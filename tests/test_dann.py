@@ -31,7 +31,7 @@ from tlmodules.alignment import (
 )
 from tlmodules.grl import GradientReversalLayer, grad_reverse
 from tlmodules.heads import DomainDiscriminator
-from tlmodules.information import InformationMaximization
+from tlmodules.information import InformationMaximization, SoftNeighborhoodDensity, soft_neighborhood_density
 from tlmodules.schedules import dann_lambda, dann_lr_factor, lr_shape
 
 IN_FEATURES, WIDTH, NUM_CLASSES = 4, 6, 3
@@ -284,6 +284,60 @@ def test_information_maximization_accumulates_and_merges() -> None:
         torch.testing.assert_close(value, expected[key])
     # a merge is not an average: the halves' own scores differ from the whole's
     assert not torch.allclose(InformationMaximization(4).forward(a)["diversity"], expected["diversity"])
+
+
+def snd_by_hand(probs: np.ndarray, temperature: float = 0.05) -> float:
+    rows = probs / np.linalg.norm(probs, axis=1, keepdims=True)
+    total = 0.0
+    for i in range(len(rows)):
+        sims = [float(rows[i] @ rows[j]) / temperature for j in range(len(rows)) if j != i]
+        weights = np.exp(np.array(sims) - max(sims))
+        weights /= weights.sum()
+        total += -float(sum(w * math.log(w) for w in weights if w > 0))
+    return total / len(rows)
+
+
+def test_soft_neighborhood_density_matches_a_hand_computation() -> None:
+    logits = torch.randn(7, 4, generator=torch.Generator().manual_seed(0)) * 2
+    probs = logits.softmax(-1)
+    expected = snd_by_hand(probs.double().numpy())
+    assert float(soft_neighborhood_density(probs)) == pytest.approx(expected, rel=1e-5)
+    assert float(SoftNeighborhoodDensity().forward(logits)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_neighborhood_density_ranks_clusters_above_scattered_predictions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    c, n = 5, 8
+    labels = torch.arange(c * n) % c
+    clustered = F.one_hot(labels, c).float() * 6 + torch.randn(c * n, c, generator=generator) * 0.3
+    scattered = torch.randn(c * n, c, generator=generator) * 3
+    tight, loose = (float(SoftNeighborhoodDensity().forward(x)) for x in (clustered, scattered))
+    assert tight > loose
+    # one-hot clusters of n: each sample's neighbours are the n - 1 others of its cluster
+    assert float(soft_neighborhood_density(F.one_hot(labels, c).float())) == pytest.approx(math.log(n - 1), abs=1e-3)
+    # the known degenerate case: one prediction for every sample is the densest neighbourhood of all
+    assert float(soft_neighborhood_density(torch.full((c * n, c), 1.0 / c))) == pytest.approx(math.log(c * n - 1))
+
+
+def test_soft_neighborhood_density_accumulates_merges_and_caps() -> None:
+    a, b = torch.randn(5, 4) * 3, torch.randn(9, 4) * 3
+    expected = float(soft_neighborhood_density(torch.cat([a, b]).softmax(-1)))
+    two = SoftNeighborhoodDensity()
+    two.update(a)
+    two.update(b)
+    assert float(two.compute()) == pytest.approx(expected, rel=1e-5)
+    first, second = SoftNeighborhoodDensity(), SoftNeighborhoodDensity()
+    first.update(a)
+    second.update(b)
+    first.merge_state(second)
+    assert float(first.compute()) == pytest.approx(expected, rel=1e-5)
+    capped = SoftNeighborhoodDensity(max_samples=6)
+    capped.update(a)
+    capped.update(b)  # one row of b still fits
+    assert float(capped.compute()) == pytest.approx(float(soft_neighborhood_density(torch.cat([a, b[:1]]).softmax(-1))))
+    assert math.isnan(float(SoftNeighborhoodDensity().forward(a[:1])))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SoftNeighborhoodDensity(temperature=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,6 +699,7 @@ def test_digits_fit_logs_both_domains_and_the_label_free_signals(digits_run: dic
         "val/target/entropy",
         "val/target/diversity",
         "val/target/im_score",
+        "val/target/snd",
         "hp_metric",
         "train/source/loss_epoch",
         "train/domain/loss_step",
@@ -659,6 +714,7 @@ def test_digits_fit_logs_both_domains_and_the_label_free_signals(digits_run: dic
     )
     assert 0 <= metrics["val/target/entropy"] <= math.log(10) + 1e-5
     assert 0 <= metrics["val/target/diversity"] <= math.log(10) + 1e-5
+    assert 0 < metrics["val/target/snd"] < math.log(len(digits_run["data"].target.datasets["val"]))
     assert metrics["val/source/acc"] > 0.2  # ten classes, 20 steps: above chance on the source
     model = digits_run["model"]
     assert model.num_classes == 10 and model.class_names == [str(d) for d in range(10)]

@@ -278,7 +278,7 @@ def test_domain_adaptation_shards_source_and_target_and_keeps_ranks_identical(tm
     for name in r0["final"]:
         assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
     # validation metrics are synchronised: the same on both ranks, and over each domain's whole validation set
-    for key in ("val/source/acc", "val/target/acc", "val/target/im_score", "hp_metric"):
+    for key in ("val/source/acc", "val/target/acc", "val/target/im_score", "val/target/snd", "hp_metric"):
         assert r0["metrics"][key] == r1["metrics"][key], key
     for domain in ("source", "target"):
         assert r0["metrics"][f"val/{domain}/acc"] == pytest.approx(r0["full_val_acc"][domain])
