@@ -28,7 +28,9 @@ from tlmodules.alignment import (
     ConfidenceThresholdedSelfTraining,
     DomainAdversarialLoss,
     MinimumClassConfusionLoss,
+    TargetBatchNormStatistics,
 )
+from tlmodules.errors import ConfigError
 from tlmodules.grl import GradientReversalLayer, grad_reverse
 from tlmodules.heads import DomainDiscriminator
 from tlmodules.information import InformationMaximization, SoftNeighborhoodDensity, soft_neighborhood_density
@@ -1124,3 +1126,106 @@ def test_digits_with_cdan_mcc_and_self_training_under_bf16() -> None:
         "train/self_training/weight",
     ):
         assert math.isfinite(float(metrics[key])), key
+
+
+# ---------------------------------------------------------------------------------------------
+# target BatchNorm statistics (AdaBN)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(10, 6), (10, 6, 5, 5)])
+def test_target_statistics_follow_the_target_rows_only(shape: tuple[int, ...]) -> None:
+    norm = nn.BatchNorm1d(6) if len(shape) == 2 else nn.BatchNorm2d(6)
+    stats = TargetBatchNormStatistics([norm])
+    x = torch.randn(*shape) * 3 + 1
+    dims = [0, *range(2, len(shape))]
+    norm.train()
+    with stats.collecting(slice(6, 10)):
+        norm(x)
+    torch.testing.assert_close(norm.target_running_mean, 0.1 * x[6:].mean(dims))
+    torch.testing.assert_close(norm.target_running_var, 0.9 + 0.1 * x[6:].var(dims, unbiased=True))
+    torch.testing.assert_close(norm.running_mean, 0.1 * x.mean(dims))  # the shared statistics see every row
+    before = norm.target_running_mean.clone()
+    norm(x)  # outside collecting: the target statistics stay
+    norm.eval()
+    with stats.collecting(slice(0, 10)):
+        norm(x)  # eval mode: nothing is gathered
+    torch.testing.assert_close(norm.target_running_mean, before)
+
+
+def test_target_statistics_are_applied_in_the_block_and_restored_after() -> None:
+    norm = nn.BatchNorm1d(3).eval()
+    stats = TargetBatchNormStatistics([norm])
+    norm.target_running_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    norm.target_running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    x = torch.randn(5, 3)
+    shared = norm(x)
+    with stats.applied():
+        adapted = norm(x)
+    expected = (x - norm.target_running_mean) / torch.sqrt(norm.target_running_var + norm.eps)
+    torch.testing.assert_close(adapted, expected)
+    torch.testing.assert_close(norm(x), shared)  # the shared statistics are back
+    stats.adopt()
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_dann_target_batchnorm_evaluates_and_predicts_the_target_with_its_own_statistics(tmp_path: Path) -> None:
+    data = domain_pairs(16, shift=3.0)
+    model = tiny_dann(batch_norm=True, target_batchnorm=True)
+    trainer = make_trainer(max_epochs=3)  # 6 steps
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    norm = model.backbone.body.net[1]
+    target = torch.stack([d["target"]["inputs"] for d in data])
+    source = torch.stack([d["source"]["inputs"] for d in data])
+    hidden = model.backbone.body.net[0]
+    # the target statistics are those of the target rows (shifted by 3), the shared ones of both domains
+    with torch.no_grad():
+        gap = (norm.target_running_mean - norm.running_mean).abs().max()
+        assert gap > 0.3, "the target statistics did not separate from the shared ones"
+        assert (norm.target_running_mean - hidden(target).mean(0)).abs().max() < (
+            norm.running_mean - hidden(target).mean(0)
+        ).abs().max()
+    model.eval()
+    with torch.no_grad():
+        shared_logits = model(target)
+        with model.target_bn.applied():
+            target_logits = model(target)
+    assert not torch.allclose(shared_logits, target_logits)
+    predicted = model.predict_step({"inputs": target, "index": torch.arange(len(target))}, 0)
+    torch.testing.assert_close(predicted["probs"], target_logits.softmax(-1))
+    loader = DataLoader([{"inputs": x, "labels": torch.tensor(0)} for x in source], batch_size=16)
+    model._evaluate(next(iter(loader)), "val", 0)  # dataloader 0: the source keeps the shared statistics
+    path = tmp_path / "adabn.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    torch.testing.assert_close(state["backbone.body.net.1.target_running_mean"], norm.target_running_mean)
+    assert model.describe()["method"] == "dann+target-bn"
+
+
+def test_target_batchnorm_needs_the_target_batch() -> None:
+    with pytest.raises(ConfigError, match="target_batchnorm gathers BatchNorm statistics .* set target_statistics"):
+        tiny_dann(batch_norm=True, adversarial=False, target_statistics=False, target_batchnorm=True)
+
+
+def test_export_of_a_target_batchnorm_dann_carries_the_target_statistics(tmp_path: Path) -> None:
+    from tlmodules.export import export_module
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [
+        {
+            "source": {"inputs": torch.randn(3, 28, 28, generator=g), "labels": torch.tensor(i % 3), "index": i},
+            "target": {"inputs": torch.randn(3, 28, 28, generator=g) + 2.0, "labels": torch.tensor(0), "index": i},
+        }
+        for i in range(16)
+    ]
+    model = DANNModule(backbone="builtin:lenet", weights=None, num_classes=3, bottleneck=8, target_batchnorm=True)
+    make_trainer(max_epochs=2).fit(model, DataLoader(pairs, batch_size=8))
+    model.eval()
+    images = torch.randn(5, 3, 28, 28, generator=g) + 2.0
+    with torch.no_grad(), model.target_bn.applied():
+        expected = model(images).softmax(-1)
+    with torch.no_grad():
+        assert not torch.allclose(model(images).softmax(-1), expected, atol=1e-4)
+    shared_mean = model.bottleneck[1].running_mean.clone()
+    folder = export_module(model, "torchscript", tmp_path / "ts")
+    (got,) = torch.jit.load(str(folder / "model.pt"))(images)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(model.bottleneck[1].running_mean, shared_mean)  # the caller's model is kept

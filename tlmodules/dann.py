@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,7 @@ from tlmodules.alignment import (
     DomainAdversarialLoss,
     MinimumClassConfusionLoss,
     StrongAugmentBatch,
+    TargetBatchNormStatistics,
 )
 from tlmodules.backbones import Backbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
@@ -80,6 +82,11 @@ class DANNModule(ClassificationMixin, TransferModule):
         self_training_threshold: confidence in ``(0, 1]`` a target prediction needs to become a pseudo-label.
         self_training_warmup: fraction of training progress over which the self-training weight rises linearly
             from 0 to ``self_training_weight`` (0: the full weight from the start).
+        target_batchnorm: the BatchNorm layers of the classifier path (backbone, bottleneck) also keep running
+            statistics of the target rows of each training batch, and evaluation on the target, test on the target
+            and ``predict`` (which is for the target domain) normalise with them: each domain by its own statistics
+            (AdaBN; :class:`tlmodules.alignment.TargetBatchNormStatistics`). Source evaluation keeps the shared
+            statistics; an exported model carries the target's.
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class DANNModule(ClassificationMixin, TransferModule):
         self_training_weight: float = 0.0,
         self_training_threshold: float = 0.9,
         self_training_warmup: float = 0.0,
+        target_batchnorm: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -135,6 +143,11 @@ class DANNModule(ClassificationMixin, TransferModule):
         check_target_terms(
             mcc_weight, mcc_temperature, self_training_weight, self_training_threshold, self_training_warmup
         )
+        if target_batchnorm and not (adversarial or target_statistics or mcc_weight > 0 or self_training_weight > 0):
+            raise ConfigError(
+                "target_batchnorm gathers BatchNorm statistics from the target batches, which this source-only run "
+                "does not pass through the network (target_statistics: false); set target_statistics: true"
+            )
         self.backbone: Backbone = build_backbone(
             backbone,
             weights=weights,
@@ -152,6 +165,8 @@ class DANNModule(ClassificationMixin, TransferModule):
         else:
             self.bottleneck = nn.Identity()
         self.feature_width = width
+        # created before any layer that is not on the classifier path, so only backbone and bottleneck get buffers
+        self.target_bn = TargetBatchNormStatistics([self.backbone, self.bottleneck]) if target_batchnorm else None
         self.head: ClassificationHead | None = None
         self.alignment: DomainAdversarialLoss | ConditionalDomainAdversarialLoss | None = None
         self._projection: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -205,6 +220,8 @@ class DANNModule(ClassificationMixin, TransferModule):
             method += "+mcc"
         if self.self_training is not None:
             method += "+self-training"
+        if self.target_bn is not None:
+            method += "+target-bn"
         return {"method": method}
 
     # -- forward ----------------------------------------------------------------------------------
@@ -223,8 +240,20 @@ class DANNModule(ClassificationMixin, TransferModule):
         parts = (source, target, *more)
         joinable = all(isinstance(p, Tensor) and p.shape[1:] == source.shape[1:] for p in parts)
         if self.hparams.joint_batch and joinable:
-            return torch.split(self.features(torch.cat(parts)), [len(p) for p in parts])
-        return tuple(self.features(p) for p in parts)
+            with self._collecting_target(slice(len(source), len(source) + len(target))):
+                return torch.split(self.features(torch.cat(parts)), [len(p) for p in parts])
+        features = [self.features(source)]
+        with self._collecting_target(slice(None)):
+            features.append(self.features(target))
+        return (*features, *(self.features(p) for p in more))
+
+    def _collecting_target(self, rows: slice) -> AbstractContextManager:
+        """With ``target_batchnorm``, passes in the block update the target BatchNorm statistics from ``rows``."""
+        return self.target_bn.collecting(rows) if self.target_bn is not None else nullcontext()
+
+    def _target_normalisation(self) -> AbstractContextManager:
+        """With ``target_batchnorm``, the block normalises with the target's BatchNorm statistics."""
+        return self.target_bn.applied() if self.target_bn is not None else nullcontext()
 
     # -- adversarial loss -------------------------------------------------------------------------
     def adaptation_weight(self) -> float:
@@ -334,7 +363,8 @@ class DANNModule(ClassificationMixin, TransferModule):
     def _evaluate(self, batch: Any, stage: str, dataloader_idx: int) -> None:
         domain = self._domain_name(stage, dataloader_idx)
         inputs, labels = unpack_batch(batch)
-        feats = self.features(inputs)
+        with self._target_normalisation() if domain == "target" else nullcontext():
+            feats = self.features(inputs)
         logits = self.head(feats)
         if domain == "target":
             self.target_information[stage].update(logits)
@@ -396,7 +426,8 @@ class DANNModule(ClassificationMixin, TransferModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         inputs, _ = unpack_batch(batch)
-        probs = self(inputs).float().softmax(-1)
+        with self._target_normalisation():  # predictions are for the target domain
+            probs = self(inputs).float().softmax(-1)
         return {"index": self.prediction_index(batch, len(probs), dataloader_idx), "probs": probs}
 
 

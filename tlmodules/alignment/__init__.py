@@ -16,6 +16,11 @@ On the target's predictions alone (no parameters; they add to the source-only ba
   Adaptation", ECCV 2020), the class confusion of the target batch.
 - :class:`ConfidenceThresholdedSelfTraining`: FixMatch's pseudo-label loss (Sohn et al., NeurIPS 2020) between a
   weak and a strong view of the target batch; :class:`StrongAugmentBatch` makes the strong view of image batches.
+
+On the network's normalisation:
+
+- :class:`TargetBatchNormStatistics`: BatchNorm running statistics of the target rows alone, swapped in to evaluate
+  and predict on the target (AdaBN, Li et al. 2017; gathered during training as in DSBN, Chang et al. 2019).
 """
 
 from tlmodules.alignment.cdan import ConditionalDomainAdversarialLoss
@@ -23,6 +28,7 @@ from tlmodules.alignment.dann import DomainAdversarialLoss
 from tlmodules.alignment.domain_loss import binary_domain_loss, domain_accuracy
 from tlmodules.alignment.mcc import MinimumClassConfusionLoss
 from tlmodules.alignment.self_training import ConfidenceThresholdedSelfTraining, StrongAugmentBatch
+from tlmodules.alignment.target_batchnorm import TargetBatchNormStatistics
 
 __all__ = [
     "ConditionalDomainAdversarialLoss",
@@ -30,6 +36,7 @@ __all__ = [
     "DomainAdversarialLoss",
     "MinimumClassConfusionLoss",
     "StrongAugmentBatch",
+    "TargetBatchNormStatistics",
     "binary_domain_loss",
     "domain_accuracy",
 ]

@@ -118,6 +118,8 @@ def describe(
         "backbone": module.backbone.origin.spec if module.backbone.origin else None,
         "outputs": [asdict(o) for o in spec.outputs],
     }
+    if getattr(module, "target_bn", None) is not None:
+        meta["batchnorm"] = "the target domain's statistics (DANNModule target_batchnorm): a model for the target"
     if spec.kind == "text":
         meta["inputs"] = [{"name": name, "shape": ["batch", "sequence"], "dtype": "int64"} for name in spec.inputs]
         meta["text"] = text_preprocessing(module.backbone, settings.get("max_length"), settings.get("long_text"))

@@ -79,9 +79,11 @@ def merge_lora(backbone: nn.Module) -> int:
 def prepared_for_export(module: nn.Module) -> Iterator[nn.Module]:
     """``module`` in eval mode without gradients, and with LoRA merged, for the length of the block; afterwards the
     caller's module is as it was (modes and ``requires_grad`` restored). A module with LoRA adapters is exported from
-    a copy, because merging replaces its layers; without adapters no copy is made (a feature probe's cache can be
+    a copy, because merging replaces its layers, and so is a DANNModule with ``target_batchnorm``, whose copy takes
+    the target's BatchNorm statistics as its own; otherwise no copy is made (a feature probe's cache can be
     large)."""
-    if getattr(module.backbone, "adapter_names", None):
+    target_statistics = getattr(module, "target_bn", None) is not None
+    if getattr(module.backbone, "adapter_names", None) or target_statistics:
         trainer = module.__dict__.get("_trainer")
         module._trainer = None  # a copy of the module, not of the Trainer it is attached to
         try:
@@ -89,6 +91,8 @@ def prepared_for_export(module: nn.Module) -> Iterator[nn.Module]:
         finally:
             module._trainer = trainer
         merge_lora(target.backbone)
+        if target_statistics:  # DANN with target_batchnorm: the exported model is for the target domain
+            target.target_bn.adopt()
     else:
         target = module
     modes = {m: m.training for m in target.modules()}
