@@ -287,13 +287,24 @@ def adabn_evaluation(model: DANNModule, data: DomainAdaptationDataModule) -> dic
 
 def summarise(runs: list[dict]) -> dict:
     accs = [r["target_acc"] for r in runs]
-    return {
+    summary = {
         "mean": statistics.fmean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "runs": runs,
         "seconds": statistics.fmean(r["seconds"] for r in runs),
         "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
     }
+    # the label-free scores and the AdaBN-evaluated accuracy, averaged over the runs that recorded them (runs of
+    # earlier versions did not)
+    for key in ("im_score", "snd", "target_acc_adabn", "im_score_adabn", "snd_adabn"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            summary[key] = statistics.fmean(values)
+    return summary
+
+
+def cell(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(results: dict, steps: int, threads: int) -> str:
@@ -305,15 +316,20 @@ def markdown(results: dict, steps: int, threads: int) -> str:
         "another protocol, for orientation only). Method suffixes: _mcc = + MCC (weight 1), self_training = "
         "DANN + self-training (weight 1, threshold 0.95); mcc = source-only + MCC.",
         "",
-        "| pair | method | target acc | runs | s/run | ms/step | reference | published |",
-        "|---|---|---|---|---|---|---|---|",
+        "im_score and snd: the label-free target scores (higher is better) of the final model; AdaBN: target accuracy "
+        "with every BatchNorm's statistics re-estimated on the target training images (— where a run predates them).",
+        "",
+        "| pair | method | target acc | runs | AdaBN acc | im_score | snd | s/run | ms/step | reference | published |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair, methods in results.items():
         for method, r in methods.items():
             runs = " ".join(f"{x['target_acc']:.1f}" for x in r["runs"])
             base = method.removesuffix("_2x1024")  # the reference figures are DANN's, whatever its discriminator
             lines.append(
-                f"| {pair} | {method} | {r['mean']:.1f} ± {r['std']:.1f} | {runs} | {r['seconds']:.0f} | "
+                f"| {pair} | {method} | {r['mean']:.1f} ± {r['std']:.1f} | {runs} | "
+                f"{cell(r.get('target_acc_adabn'), 1)} | {cell(r.get('im_score'), 3)} | {cell(r.get('snd'), 3)} | "
+                f"{r['seconds']:.0f} | "
                 f"{r['ms_per_step']:.0f} | {REFERENCE.get(pair, {}).get(base, '—')} | "
                 f"{PUBLISHED.get(pair, {}).get(base, '—')} |"
             )
