@@ -1229,3 +1229,30 @@ def test_export_of_a_target_batchnorm_dann_carries_the_target_statistics(tmp_pat
     (got,) = torch.jit.load(str(folder / "model.pt"))(images)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(model.bottleneck[1].running_mean, shared_mean)  # the caller's model is kept
+
+
+def test_target_batchnorm_estimates_adabn_statistics_over_the_target_training_split() -> None:
+    from datamodules import DigitsOnPhotosDataModule
+
+    digits = Path(__file__).resolve().parents[2] / "shared" / "data" / "digits" / "mnist_t10k"
+    data = DigitsOnPhotosDataModule(digits_dir=str(digits), source_size=200, target_size=150, batch_size=32)
+    model = DANNModule(backbone="builtin:lenet", weights=None, bottleneck=8, target_batchnorm=True, lr=0.01)
+    make_trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=data)  # no validation: at train end
+    norm = model.bottleneck[1]
+    # AdaBN by hand: every target training image once, dropout off, the mean of the batch statistics
+    inputs = [b["inputs"] for b in data.target.ordered_dataloader("train")]
+    model.eval()
+    with torch.no_grad():
+        hidden = [model.bottleneck[0](model.backbone(x)) for x in inputs]
+    means = torch.stack([h.mean(0) for h in hidden])
+    variances = torch.stack([h.var(0, unbiased=True) for h in hidden])
+    torch.testing.assert_close(norm.target_running_mean, means.mean(0))
+    torch.testing.assert_close(norm.target_running_var, variances.mean(0))
+    assert not torch.allclose(norm.running_mean, norm.target_running_mean, atol=1e-3)
+    assert norm.momentum == 0.1 and norm.num_batches_tracked == 3  # the layer's own statistics were restored
+    # evaluation on the target uses them: the target accuracy equals the one computed with them by hand
+    metrics = make_trainer().test(model, datamodule=data, verbose=False)[0]
+    loader = data.target.test_dataloader()
+    with torch.no_grad(), model.target_bn.applied():
+        correct = sum(int((model(b["inputs"]).argmax(-1) == b["labels"]).sum()) for b in loader)
+    assert metrics["test/target/acc"] == pytest.approx(correct / sum(len(b["labels"]) for b in loader))

@@ -7,6 +7,8 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
@@ -21,7 +23,7 @@ from tlmodules.alignment import (
 from tlmodules.backbones import Backbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, unpack_batch
 from tlmodules.classification import ClassificationMixin, classification_metrics
-from tlmodules.errors import ConfigError
+from tlmodules.errors import ConfigError, UserError
 from tlmodules.heads import ClassificationHead, DomainDiscriminator, HeadKind, build_head, check_head
 from tlmodules.information import InformationMaximization, SoftNeighborhoodDensity
 from tlmodules.labels import IGNORE_INDEX
@@ -82,11 +84,14 @@ class DANNModule(ClassificationMixin, TransferModule):
         self_training_threshold: confidence in ``(0, 1]`` a target prediction needs to become a pseudo-label.
         self_training_warmup: fraction of training progress over which the self-training weight rises linearly
             from 0 to ``self_training_weight`` (0: the full weight from the start).
-        target_batchnorm: the BatchNorm layers of the classifier path (backbone, bottleneck) also keep running
-            statistics of the target rows of each training batch, and evaluation on the target, test on the target
-            and ``predict`` (which is for the target domain) normalise with them: each domain by its own statistics
-            (AdaBN; :class:`tlmodules.alignment.TargetBatchNormStatistics`). Source evaluation keeps the shared
-            statistics; an exported model carries the target's.
+        target_batchnorm: the BatchNorm layers of the classifier path (backbone, bottleneck) keep statistics of the
+            target domain, and evaluation on the target, test on the target and ``predict`` (which is for the target
+            domain) normalise with them: each domain by its own statistics (AdaBN;
+            :class:`tlmodules.alignment.TargetBatchNormStatistics`). They are estimated AdaBN's way before every
+            validation and at the end of training, from one eval-mode pass over the target's training split
+            (:meth:`estimate_target_statistics`), and gathered from the target rows of the training batches in
+            between. Source evaluation keeps the shared statistics; checkpoints and exported models carry the
+            target's.
     """
 
     def __init__(
@@ -280,6 +285,40 @@ class DANNModule(ClassificationMixin, TransferModule):
                 "on any input)"
             )
         return self.strong_augment(inputs)
+
+    def estimate_target_statistics(self) -> int:
+        """With ``target_batchnorm``: AdaBN's target statistics from one pass over the target's training split (each
+        process its share, without batch augmentation, the network in eval mode), averaged across processes.
+        Needs a datamodule whose target side can read its training split again (``ordered_dataloader``, as every
+        tlmodules datamodule can); otherwise the statistics gathered during training stay. Returns the number of
+        batches read on this process."""
+        trainer = self._trainer
+        target = getattr(getattr(trainer, "datamodule", None), "target", None) if trainer is not None else None
+        make_loader = getattr(target, "ordered_dataloader", None)
+        if self.target_bn is None or not callable(make_loader):
+            return 0
+        try:
+            loader = make_loader("train", trainer.global_rank, trainer.world_size)
+        except UserError:  # no target training split (e.g. a test run from a checkpoint): keep the saved statistics
+            return 0
+        was_training = self.training
+        self.eval()
+        try:
+            with isolate_rng(), trainer.precision_plugin.forward_context():
+                batches = (move_data_to_device(unpack_batch(b)[0], self.device) for b in loader)
+                count = self.target_bn.estimate(batches, self.features)
+        finally:
+            self.train(was_training)
+        if trainer.world_size > 1:
+            for buffer in self.target_bn.buffers():
+                buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
+        return count
+
+    def on_validation_epoch_start(self) -> None:
+        self.estimate_target_statistics()
+
+    def on_train_end(self) -> None:
+        self.estimate_target_statistics()  # the model the fit hands back, with or without a validation loop
 
     @property
     def discriminator(self) -> nn.Module | None:

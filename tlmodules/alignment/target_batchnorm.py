@@ -2,18 +2,21 @@
 
 AdaBN (Li, Wang, Shi, Liu & Hou, "Revisiting Batch Normalization For Practical Domain Adaptation", ICLR workshop
 2017) keeps the trained weights and swaps every BatchNorm layer's running statistics for the target domain's:
-each domain is normalised by its own mean and variance. Here the target statistics are gathered while training
-runs, from the target rows of each training batch, as domain-specific BatchNorm does (Chang et al.,
-"Domain-Specific Batch Normalization for Unsupervised Domain Adaptation", CVPR 2019; the affine weights stay
-shared). With one BatchNorm layer (the bottleneck of the digit recipe) this is AdaBN's statistics as a running
-average over the last steps; in deeper networks each layer's target statistics are taken under the joint
-normalisation of the layers before it.
+each domain is normalised by its own mean and variance. Two ways fill the target statistics:
+
+- :meth:`TargetBatchNormStatistics.estimate`, AdaBN's own: one pass over the target's training images with the
+  network in eval mode (dropout off) and the BatchNorm layers averaging their batch statistics over the whole pass;
+- while training runs, from the target rows of each training batch, as domain-specific BatchNorm does (Chang et
+  al., "Domain-Specific Batch Normalization for Unsupervised Domain Adaptation", CVPR 2019; the affine weights
+  stay shared): a fallback where the target's training split cannot be read again. These statistics are taken in
+  training mode, so they carry dropout's extra variance, which the network at evaluation does not have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -83,3 +86,42 @@ class TargetBatchNormStatistics:
         for layer in self.layers:
             layer.running_mean.copy_(getattr(layer, TARGET_MEAN))
             layer.running_var.copy_(getattr(layer, TARGET_VAR))
+
+    @torch.no_grad()
+    def estimate(self, batches: Iterable[Any], forward: Callable[[Any], Any]) -> int:
+        """AdaBN's statistics: run ``forward`` over ``batches`` (the target's training inputs; the caller has put the
+        network in eval mode) with only the BatchNorm layers in training mode and averaging every batch's statistics
+        (``momentum=None``), and keep the result as the target statistics. The layers' own statistics, momentum and
+        mode are restored. Returns the number of batches (0: the target statistics are left as they were)."""
+        saved = [
+            (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone(), layer.momentum)
+            for layer in self.layers
+        ]
+        modes = [layer.training for layer in self.layers]
+        for layer in self.layers:
+            layer.reset_running_stats()
+            layer.momentum = None
+            layer.train()
+        rows, self._rows = self._rows, None  # this pass is not a training step: nothing to collect
+        count = 0
+        try:
+            for batch in batches:
+                forward(batch)
+                count += 1
+            if count:
+                for layer in self.layers:
+                    getattr(layer, TARGET_MEAN).copy_(layer.running_mean)
+                    getattr(layer, TARGET_VAR).copy_(layer.running_var)
+        finally:
+            self._rows = rows
+            for layer, (mean, var, tracked, momentum), training in zip(self.layers, saved, modes):
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                layer.num_batches_tracked.copy_(tracked)
+                layer.momentum = momentum
+                layer.train(training)
+        return count
+
+    def buffers(self) -> list[Tensor]:
+        """The target statistics of every layer, in a fixed order (for averaging across processes)."""
+        return [getattr(layer, name) for layer in self.layers for name in (TARGET_MEAN, TARGET_VAR)]
