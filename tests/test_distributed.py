@@ -284,6 +284,21 @@ def test_domain_adaptation_shards_source_and_target_and_keeps_ranks_identical(tm
         assert r0["metrics"][f"val/{domain}/acc"] == pytest.approx(r0["full_val_acc"][domain])
 
 
+def test_target_batchnorm_statistics_are_averaged_over_both_ranks_shards(tmp_path: Path) -> None:
+    """AdaBN's pass under DDP: each rank reads its own shard of the target training split, and the ranks' estimates
+    are averaged, so both hold the same target statistics, whose mean is that of every target batch of both
+    shards (equal-sized batches: the mean of the batch means is the mean over all of them)."""
+    r0, r1 = run_ddp(tmp_path / "adabn", "--target-batchnorm", script=DOMAIN_SCRIPT)
+    torch.testing.assert_close(r0["target_mean"], r1["target_mean"])
+    torch.testing.assert_close(r0["target_var"], r1["target_var"])
+    weights = r0["first_layer"]
+    batches = [x @ weights["weight"].T + weights["bias"] for x in (*r0["target_shard"], *r1["target_shard"])]
+    assert len(batches) == TARGET_TRAIN // DOMAIN_BATCH and all(len(b) == DOMAIN_BATCH for b in batches)
+    torch.testing.assert_close(r0["target_mean"], torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(r0["target_var"], torch.stack([b.var(0) for b in batches]).mean(0))
+    assert not torch.allclose(r0["target_mean"], r0["shared_mean"], atol=1e-2)  # the target is shifted
+
+
 # -- MultiTaskModule: one rank never sees one task's labels; DDP still keeps the ranks identical --------
 MULTITASK_SCRIPT = Path(__file__).parent / "scripts" / "ddp_multitask.py"
 

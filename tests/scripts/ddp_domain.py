@@ -5,9 +5,11 @@ outside pytest. The source has 48 training samples and the target 32 (batches of
 get its own half of both sides, so 3 source batches, and 2 target batches that the combined loader cycles
 to 3. One epoch of DANN, then one validation on both domains.
 
-Usage: ``python ddp_domain.py OUT_DIR``. Every rank writes ``OUT_DIR/rank<r>.pt``: the source and target
-sample indices it trained on (in order), its initial and final parameters, the metrics it logged, and the
-final model's accuracy on each domain's whole validation set.
+Usage: ``python ddp_domain.py OUT_DIR [--target-batchnorm]``. Every rank writes ``OUT_DIR/rank<r>.pt``: the source
+and target sample indices it trained on (in order), its initial and final parameters, the metrics it logged, and
+the final model's accuracy on each domain's whole validation set. ``--target-batchnorm``: the network has a
+BatchNorm layer and DANN keeps target statistics (``target_batchnorm=True``); each rank also saves them, its
+layer's shared statistics, and the target training inputs of its own shard (``ordered_dataloader``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ BATCH = 8
 class SmallNet(nn.Module):
     num_features = 16
 
-    def __init__(self) -> None:
+    def __init__(self, batch_norm: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        norm = [nn.BatchNorm1d(16)] if batch_norm else []
+        self.net = nn.Sequential(nn.Linear(IN_FEATURES, 16), *norm, nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -55,6 +58,18 @@ class RecordBatches(pl.Callback):
         self.validated.setdefault(dataloader_idx, []).extend(batch["index"].tolist())
 
 
+def target_statistics(model: DANNModule, data: DomainAdaptationDataModule, trainer: pl.Trainer) -> dict:
+    norm = model.backbone.body.net[1]
+    shard = [b["inputs"] for b in data.target.ordered_dataloader("train", trainer.global_rank, trainer.world_size)]
+    return {
+        "target_mean": norm.target_running_mean.clone(),
+        "target_var": norm.target_running_var.clone(),
+        "shared_mean": norm.running_mean.clone(),
+        "target_shard": shard,
+        "first_layer": {k: v.clone() for k, v in model.backbone.body.net[0].state_dict().items()},
+    }
+
+
 def params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
@@ -62,12 +77,21 @@ def params(module: nn.Module) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
+    parser.add_argument("--target-batchnorm", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     pl.seed_everything(0, workers=True)
 
-    model = DANNModule(SmallNet(), discriminator_hidden=16, lr=0.05, weight_decay=0.0, projection_samples=0, gamma=10.0)
+    model = DANNModule(
+        SmallNet(args.target_batchnorm),
+        discriminator_hidden=16,
+        lr=0.05,
+        weight_decay=0.0,
+        projection_samples=0,
+        gamma=10.0,
+        target_batchnorm=args.target_batchnorm,
+    )
     data = DomainAdaptationDataModule(
         PatternDataModule(SOURCE_TRAIN, VAL, seed=1, batch_size=BATCH, shift=0.0),
         PatternDataModule(TARGET_TRAIN, VAL, seed=2, batch_size=BATCH, shift=1.0),
@@ -114,6 +138,7 @@ def main() -> None:
             "val_domains": data.val_domains,
             "validated": recorder.validated,
             "full_val_acc": full_val_acc,
+            **(target_statistics(model, data, trainer) if args.target_batchnorm else {}),
         },
         args.out / f"rank{trainer.global_rank}.pt",
     )
