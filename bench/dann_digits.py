@@ -257,18 +257,13 @@ def adabn_evaluation(model: DANNModule, data: DomainAdaptationDataModule) -> dic
     kept."""
     import copy
 
+    from tlmodules.alignment import TargetBatchNormStatistics
     from tlmodules.information import InformationMaximization, SoftNeighborhoodDensity
 
     adapted = copy.deepcopy(model).cpu().eval()
-    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over every target batch
-        norm.train()
-    for batch in data.target.train_dataloader():
-        adapted.features(batch["inputs"])
-    for norm in norms:
-        norm.eval()
+    statistics = TargetBatchNormStatistics([adapted])  # the estimate target_batchnorm makes, here on any model
+    statistics.estimate((batch["inputs"] for batch in data.target.train_dataloader()), adapted.features)
+    statistics.adopt()
     correct = total = 0
     information = InformationMaximization(model.num_classes)
     density = SoftNeighborhoodDensity()

@@ -141,6 +141,7 @@ def export_checkpoint(ckpt_path: str | Path, format: str, output: str | Path, im
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     check_output_folder(Path(output))
-    settings = datamodule_settings(load_checkpoint(ckpt_path))
-    module = load_module(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path)
+    settings = datamodule_settings(checkpoint)
+    module = load_module(ckpt_path, checkpoint)
     return export_module(module, format, output, image_size, settings, str(ckpt_path))

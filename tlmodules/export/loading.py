@@ -30,15 +30,15 @@ def module_class(checkpoint: dict[str, Any], path: str | Path) -> type:
     return getattr(tlmodules, name)
 
 
-def load_module(path: str | Path) -> nn.Module:
+def load_module(path: str | Path, checkpoint: dict[str, Any] | None = None) -> nn.Module:
     """The module a checkpoint holds, in eval mode without gradients and with any LoRA adapters merged.
 
     The checkpoint is read with ``weights_only=True`` (:func:`tlmodules.backbones.load_checkpoint`). Pretrained
     weights that the checkpoint overwrites are not fetched (``pretrained=False``), except for a feature probe that
     stored only its frozen backbone's spec: that backbone is rebuilt from its weights and checked against the
-    digest the checkpoint records.
+    digest the checkpoint records. ``checkpoint``: the file's contents when the caller has read them already.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     cls = module_class(checkpoint, path)
     saved = any(k.startswith("backbone.") for k in checkpoint.get("state_dict", {}))
     kwargs: dict[str, Any] = {"pretrained": False} if saved else {}
