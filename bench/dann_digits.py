@@ -298,6 +298,22 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def label_free_choice(results: dict) -> dict:
+    """Per pair, the method each label-free score would choose (highest mean over its runs; the oracle, trained
+    on target labels, is not a candidate) beside the most accurate one, which real adaptation cannot know: where
+    they differ, the score chose wrong on this pair (issue 19)."""
+    choice = {}
+    for pair, methods in results.items():
+        candidates = {m: r for m, r in methods.items() if not m.startswith("oracle")}
+        row = {"target_acc": max(candidates, key=lambda m: candidates[m]["mean"])}
+        for score in ("im_score", "snd"):
+            scored = {m: r[score] for m, r in candidates.items() if score in r}
+            if scored:
+                row[score] = max(scored, key=scored.get)
+        choice[pair] = row
+    return choice
+
+
 def cell(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -328,6 +344,20 @@ def markdown(results: dict, steps: int, threads: int) -> str:
                 f"{r['ms_per_step']:.0f} | {REFERENCE.get(pair, {}).get(base, '—')} | "
                 f"{PUBLISHED.get(pair, {}).get(base, '—')} |"
             )
+    lines += [
+        "",
+        "Label-free choice: the method with the highest mean score among those whose runs recorded it (the oracle is "
+        "not a candidate), beside the most accurate one:",
+        "",
+    ]
+    lines += ["| pair | most accurate | im_score picks | snd picks |", "|---|---|---|---|"]
+    for pair, row in label_free_choice(results).items():
+        picks = [row["target_acc"], row.get("im_score"), row.get("snd")]
+        lines.append(
+            f"| {pair} | "
+            + " | ".join("—" if m is None else f"{m} ({results[pair][m]['mean']:.1f})" for m in picks)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -416,7 +446,9 @@ def main() -> None:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
     }
-    output.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    output.write_text(
+        json.dumps({"meta": meta, "results": results, "label_free_choice": label_free_choice(results)}, indent=2)
+    )
     table = markdown(results, args.steps, args.threads)
     output.with_suffix(".md").write_text(table)
     print(table)
