@@ -318,7 +318,7 @@ def cell(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(results: dict, steps: int, threads: int) -> str:
+def markdown(results: dict, choice: dict, steps: int, threads: int) -> str:
     lines = [
         f"LeNet from random init, {steps} steps of 64 source + 64 target images, torch threads = {threads}.",
         "Target accuracy (%) mean ± std over seeds; reference = plain-PyTorch figures of issue 4; published = "
@@ -351,7 +351,7 @@ def markdown(results: dict, steps: int, threads: int) -> str:
         "",
     ]
     lines += ["| pair | most accurate | im_score picks | snd picks |", "|---|---|---|---|"]
-    for pair, row in label_free_choice(results).items():
+    for pair, row in choice.items():
         picks = [row["target_acc"], row.get("im_score"), row.get("snd")]
         lines.append(
             f"| {pair} | "
@@ -446,10 +446,9 @@ def main() -> None:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
     }
-    output.write_text(
-        json.dumps({"meta": meta, "results": results, "label_free_choice": label_free_choice(results)}, indent=2)
-    )
-    table = markdown(results, args.steps, args.threads)
+    choice = label_free_choice(results)
+    output.write_text(json.dumps({"meta": meta, "results": results, "label_free_choice": choice}, indent=2))
+    table = markdown(results, choice, args.steps, args.threads)
     output.with_suffix(".md").write_text(table)
     print(table)
 
