@@ -1256,3 +1256,28 @@ def test_target_batchnorm_estimates_adabn_statistics_over_the_target_training_sp
     with torch.no_grad(), model.target_bn.applied():
         correct = sum(int((model(b["inputs"]).argmax(-1) == b["labels"]).sum()) for b in loader)
     assert metrics["test/target/acc"] == pytest.approx(correct / sum(len(b["labels"]) for b in loader))
+
+
+def test_target_batchnorm_passes_once_per_validation_and_not_again_at_train_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datamodules import DigitsOnPhotosDataModule
+
+    digits = Path(__file__).resolve().parents[2] / "shared" / "data" / "digits" / "mnist_t10k"
+    data = DigitsOnPhotosDataModule(digits_dir=str(digits), source_size=64, target_size=64, batch_size=16)
+    model = DANNModule(backbone="builtin:lenet", weights=None, bottleneck=8, target_batchnorm=True, lr=0.01)
+    passes: list[int] = []
+    estimate = model.target_bn.estimate
+    monkeypatch.setattr(model.target_bn, "estimate", lambda *a: passes.append(estimate(*a)) or passes[-1])
+    # 2 epochs of 2 steps, a validation after each: the last one follows the last step
+    make_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(model, datamodule=data)
+    assert len(passes) == 2 and all(n > 0 for n in passes)
+    # validating only every other epoch leaves steps after the last validation: train end estimates again
+    passes.clear()
+    model = DANNModule(backbone="builtin:lenet", weights=None, bottleneck=8, target_batchnorm=True, lr=0.01)
+    estimate = model.target_bn.estimate
+    monkeypatch.setattr(model.target_bn, "estimate", lambda *a: passes.append(estimate(*a)) or passes[-1])
+    make_trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, check_val_every_n_epoch=2).fit(
+        model, datamodule=data
+    )
+    assert len(passes) == 2  # after epoch 2, and at the end (epoch 3 trained after it)

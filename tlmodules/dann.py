@@ -312,13 +312,21 @@ class DANNModule(ClassificationMixin, TransferModule):
         if trainer.world_size > 1:
             for buffer in self.target_bn.buffers():
                 buffer.copy_(trainer.strategy.reduce(buffer.clone(), reduce_op="mean"))
+        if count:
+            self._target_statistics_step = trainer.global_step
         return count
+
+    def on_train_start(self) -> None:
+        self._target_statistics_step: int | None = None
 
     def on_validation_epoch_start(self) -> None:
         self.estimate_target_statistics()
 
     def on_train_end(self) -> None:
-        self.estimate_target_statistics()  # the model the fit hands back, with or without a validation loop
+        # the model the fit hands back, with or without a validation loop; a validation after the last step has
+        # already estimated these weights' statistics, so the pass is not repeated
+        if getattr(self, "_target_statistics_step", None) != self.trainer.global_step:
+            self.estimate_target_statistics()
 
     @property
     def discriminator(self) -> nn.Module | None:
