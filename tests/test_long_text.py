@@ -328,6 +328,44 @@ def test_backbone_pools_a_documents_windows_like_its_tokens(tmp_path, tiny_hf_di
     assert any(n == 1 for n in windows)
 
 
+def test_windows_are_encoded_a_few_rows_at_a_time_with_the_same_features_and_gradients(
+    tmp_path, tiny_hf_dir, one_thread
+):
+    path = tiny_docs(tmp_path, n=8)
+    chunked = data(path, str(tiny_hf_dir), max_length=8, long_text="chunks", chunk_stride=4, batch_size=8)
+    inputs = chunked.collate_fn([chunked.datasets["train"][i] for i in range(8)])["inputs"]
+    windows = inputs["attention_mask"].shape[0]
+    assert windows > 8
+    results = {}
+    for per_pass in (windows, 3):  # one pass over every window, then slices of 3 rows
+        backbone = build_backbone(f"hf:{tiny_hf_dir}", pooling="mean").eval()  # eval: no dropout to differ
+        backbone.windows_per_pass = per_pass
+        rows_seen: list[int] = []
+        backbone.body.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(len(out[0])),
+                                            with_kwargs=True)  # fmt: skip
+        features = backbone(inputs)
+        calls_in_forward = len(rows_seen)
+        features.pow(2).sum().backward()
+        gradients = {n: q.grad.clone() for n, q in backbone.named_parameters() if q.grad is not None}
+        results[per_pass] = features.detach(), gradients, rows_seen, calls_in_forward
+    whole, sliced = results[windows], results[3]
+    torch.testing.assert_close(sliced[0], whole[0], atol=1e-5, rtol=1e-5)
+    assert sliced[1].keys() == whole[1].keys() and len(whole[1]) > 0
+    for name, gradient in whole[1].items():
+        torch.testing.assert_close(sliced[1][name], gradient, atol=1e-5, rtol=1e-4)
+    assert whole[2] == [windows]  # one pass, nothing recomputed
+    slices = -(-windows // 3)
+    assert max(sliced[2]) <= 3 and sliced[3] == slices
+    assert len(sliced[2]) == 2 * slices  # checkpointed: each slice recomputed in the backward pass
+    backbone = build_backbone(f"hf:{tiny_hf_dir}", pooling="mean").eval()
+    backbone.windows_per_pass = 3
+    rows_seen = []
+    backbone.body.register_forward_hook(lambda module, args, out: rows_seen.append(len(out[0])))
+    with torch.no_grad():  # extraction and prediction: slices, no checkpointing
+        torch.testing.assert_close(backbone(inputs), whole[0], atol=1e-5, rtol=1e-5)
+    assert len(rows_seen) == slices and max(rows_seen) <= 3
+
+
 def test_window_pooling_has_gradients(tiny_hf_dir, one_thread):
     backbone = build_backbone(f"hf:{tiny_hf_dir}", pooling="max")
     pooled = torch.randn(5, 3, requires_grad=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tlmodules.errors import UserError
 from tlmodules.pooling import get_pooling
@@ -148,12 +149,21 @@ class TransformerBackbone(Backbone):
     document's windows (the maximum over all its tokens); ``mean``, the windows weighted by their token
     counts (the mean over all its tokens, a token in two overlapping windows counted twice); ``cls``, the
     mean of the windows' ``[CLS]`` states.
+
+    A batch of long documents can hold hundreds of windows, and the activations a backward pass keeps grow
+    with them, enough to exhaust a machine's memory. So the windows are encoded
+    ``windows_per_pass`` rows at a time; while the encoder trains, each slice runs under activation
+    checkpointing (:func:`torch.utils.checkpoint.checkpoint`), which keeps only its pooled ``(w, F)`` output
+    and recomputes the slice in the backward pass: memory follows ``windows_per_pass``, not the batch's
+    windows, for one more forward pass of the slices. Batches of at most ``windows_per_pass`` windows run as
+    one pass, as before.
     """
 
-    def __init__(self, *args: Any, pooling: str = "mean", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pooling: str = "mean", windows_per_pass: int = 16, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pooling = pooling
         self._pool = get_pooling(pooling)
+        self.windows_per_pass = windows_per_pass
 
     def forward_tokens(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Per-token features ``(B, T, hidden_size)`` (per window row when ``inputs`` has ``document``)."""
@@ -162,11 +172,30 @@ class TransformerBackbone(Backbone):
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         mask = inputs["attention_mask"]
-        pooled = self._pool(self.forward_tokens(inputs), mask)
         document = inputs.get("document")
         if document is None:
-            return pooled
-        return self.combine_windows(pooled, mask.sum(1), document, self.pooling)
+            return self._pool(self.forward_tokens(inputs), mask)
+        return self.combine_windows(self.pooled_windows(inputs), mask.sum(1), document, self.pooling)
+
+    def pooled_windows(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Each window row pooled, ``(W, hidden_size)``, encoded ``windows_per_pass`` rows at a time (see the
+        class docstring)."""
+        rows = inputs["attention_mask"].shape[0]
+        if rows <= self.windows_per_pass:
+            return self._pool(self.forward_tokens(inputs), inputs["attention_mask"])
+        encoder = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.body.parameters())
+        parts = []
+        for start in range(0, rows, self.windows_per_pass):
+            part = {k: v[start : start + self.windows_per_pass] for k, v in encoder.items()}
+            if training:
+                parts.append(checkpoint(self._pool_part, part, use_reentrant=False))
+            else:
+                parts.append(self._pool_part(part))
+        return torch.cat(parts)
+
+    def _pool_part(self, part: Mapping[str, Tensor]) -> Tensor:
+        return self._pool(self.forward_tokens(part), part["attention_mask"])
 
     @staticmethod
     def combine_windows(pooled: Tensor, window_tokens: Tensor, document: Tensor, pooling: str) -> Tensor:
