@@ -328,6 +328,13 @@ def test_backbone_pools_a_documents_windows_like_its_tokens(tmp_path, tiny_hf_di
     assert any(n == 1 for n in windows)
 
 
+def encoder_calls(backbone: Any) -> list[int]:
+    """The rows of every call of the backbone's encoder, in order (a list filled as the encoder runs)."""
+    rows: list[int] = []
+    backbone.body.register_forward_hook(lambda module, args, out: rows.append(len(out[0])))
+    return rows
+
+
 def test_windows_are_encoded_a_few_rows_at_a_time_with_the_same_features_and_gradients(
     tmp_path, tiny_hf_dir, one_thread
 ):
@@ -340,9 +347,7 @@ def test_windows_are_encoded_a_few_rows_at_a_time_with_the_same_features_and_gra
     for per_pass in (windows, 3):  # one pass over every window, then slices of 3 rows
         backbone = build_backbone(f"hf:{tiny_hf_dir}", pooling="mean").eval()  # eval: no dropout to differ
         backbone.windows_per_pass = per_pass
-        rows_seen: list[int] = []
-        backbone.body.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(len(out[0])),
-                                            with_kwargs=True)  # fmt: skip
+        rows_seen = encoder_calls(backbone)
         features = backbone(inputs)
         calls_in_forward = len(rows_seen)
         features.pow(2).sum().backward()
@@ -359,8 +364,7 @@ def test_windows_are_encoded_a_few_rows_at_a_time_with_the_same_features_and_gra
     assert len(sliced[2]) == 2 * slices  # checkpointed: each slice recomputed in the backward pass
     backbone = build_backbone(f"hf:{tiny_hf_dir}", pooling="mean").eval()
     backbone.windows_per_pass = 3
-    rows_seen = []
-    backbone.body.register_forward_hook(lambda module, args, out: rows_seen.append(len(out[0])))
+    rows_seen = encoder_calls(backbone)
     with torch.no_grad():  # extraction and prediction: slices, no checkpointing
         torch.testing.assert_close(backbone(inputs), whole[0], atol=1e-5, rtol=1e-5)
     assert len(rows_seen) == slices and max(rows_seen) <= 3
