@@ -484,7 +484,8 @@ def main() -> None:
 # features (builtin:lenet, channel dropout 0.5) and both the classifier and the discriminator, and a random
 # rotation (±10°), shift (±10 %) and zoom (0.9–1.1) of every training image of both domains
 # recipe keys the bench reads itself (the rest are DANNModule arguments); input_norm: "shared" (the backbone's
-# fixed mean/std) or "per_domain" (each domain standardised by its own training images)
+# fixed mean/std), "per_domain" (each domain standardised by its own training images) or "per_image" (each image
+# by its own pixels); ema_decay: evaluate Lightning's EMAWeightAveraging of the weights with that decay
 BENCH_KEYS = ("batch_size", "augment", "lenet_dropout", "input_norm", "ema_decay")
 RECIPE: dict = {"bottleneck": 256, "augment": {"degrees": 10.0, "translate": 0.1, "scale": [0.9, 1.1]}}
 # method dann: a discriminator of 2 hidden layers of 256, a tenth of the 2 × 1024 of Transfer-Learning-Library
