@@ -135,6 +135,10 @@ class Backbone(nn.Module):
         return self.body(inputs)
 
 
+# the tokenizer's tensors a Hugging Face encoder takes (a batch may also carry ``document``, which it does not)
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 class TransformerBackbone(Backbone):
     """A Hugging Face encoder whose token states are pooled into one vector per sequence.
 
@@ -167,8 +171,7 @@ class TransformerBackbone(Backbone):
 
     def forward_tokens(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Per-token features ``(B, T, hidden_size)`` (per window row when ``inputs`` has ``document``)."""
-        accepted = {"input_ids", "attention_mask", "token_type_ids"}
-        return self.body(**{k: v for k, v in inputs.items() if k in accepted}).last_hidden_state
+        return self.body(**{k: v for k, v in inputs.items() if k in ENCODER_INPUTS}).last_hidden_state
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         mask = inputs["attention_mask"]
@@ -182,8 +185,8 @@ class TransformerBackbone(Backbone):
         class docstring)."""
         rows = inputs["attention_mask"].shape[0]
         if rows <= self.windows_per_pass:
-            return self._pool(self.forward_tokens(inputs), inputs["attention_mask"])
-        encoder = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            return self._pool_part(inputs)
+        encoder = {k: v for k, v in inputs.items() if k in ENCODER_INPUTS}
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.body.parameters())
         parts = []
         for start in range(0, rows, self.windows_per_pass):
