@@ -627,7 +627,7 @@ class ScheduleRecorder(pl.Callback):
 
 
 def test_lambda_and_learning_rate_follow_training_progress() -> None:
-    model = tiny_dann(lr=0.2, backbone_lr_ratio=0.5, lambda_max=0.8, gamma=5.0)
+    model = tiny_dann(lr=0.2, backbone_lr_ratio=0.5, discriminator_lr_ratio=3.0, lambda_max=0.8, gamma=5.0)
     recorder = ScheduleRecorder()
     trainer = make_trainer(max_epochs=2, callbacks=[recorder], log_every_n_steps=1)
     trainer.fit(model, DataLoader(domain_pairs(16), batch_size=4, shuffle=True))
@@ -638,7 +638,7 @@ def test_lambda_and_learning_rate_follow_training_progress() -> None:
         assert logged["train/lambda"] == pytest.approx(dann_lambda(progress, 0.8, 5.0))
         factor = dann_lr_factor(progress)
         assert rates["head"] == pytest.approx(0.2 * factor) == logged["train/lr/head"]
-        assert rates["discriminator"] == pytest.approx(0.2 * factor)
+        assert rates["discriminator"] == pytest.approx(0.6 * factor)
         assert rates["backbone"] == pytest.approx(0.1 * factor) == logged["train/lr/backbone"]
     lambdas = [r["train/lambda"] for r in recorder.logged]
     assert lambdas[0] == 0.0 and all(b > a for a, b in zip(lambdas, lambdas[1:]))
@@ -653,7 +653,12 @@ def test_training_needs_a_source_and_target_batch() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"method": "mmd"}, "unknown method 'mmd'"), ({"lr": 0.0}, "lr must be positive"), ({"lambda_max": -1.0}, ">= 0")],
+    [
+        ({"method": "mmd"}, "unknown method 'mmd'"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"lambda_max": -1.0}, ">= 0"),
+        ({"discriminator_lr_ratio": 0.0}, "discriminator_lr_ratio must be positive"),
+    ],
 )
 def test_invalid_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -73,6 +73,9 @@ class DANNModule(ClassificationMixin, TransferModule):
         joint_batch: source and target go through the backbone as one batch (shared BatchNorm
             statistics); ``False`` runs them separately (per-domain batch statistics).
         backbone_lr_ratio: the backbone's learning rate relative to the new layers'.
+        discriminator_lr_ratio: the discriminator's learning rate relative to the new layers' (the DANN paper and
+            Transfer-Learning-Library use one rate for all; a faster discriminator gives the feature extractor a
+            sharper reversed gradient, a slower one a smoother one).
         target_statistics: with ``adversarial=False``, still pass each target batch through the network
             (no loss on it) so that BatchNorm statistics cover both domains exactly as in the adversarial
             runs: the source-only baseline then differs from DANN by the adversarial loss alone. ``False``
@@ -114,6 +117,7 @@ class DANNModule(ClassificationMixin, TransferModule):
         joint_batch: bool = True,
         lr: float = 0.01,
         backbone_lr_ratio: float = 1.0,
+        discriminator_lr_ratio: float = 1.0,
         weight_decay: float = 5e-4,
         optimizer: OptimizerName = "sgd",
         momentum: float = 0.9,
@@ -140,6 +144,8 @@ class DANNModule(ClassificationMixin, TransferModule):
             raise ConfigError(f"unknown method {method!r}; choose dann or cdan")
         if lr <= 0 or lambda_max < 0:
             raise ConfigError(f"lr must be positive and lambda_max >= 0, got {lr} and {lambda_max}")
+        if discriminator_lr_ratio <= 0:
+            raise ConfigError(f"discriminator_lr_ratio must be positive, got {discriminator_lr_ratio}")
         if adversarial and (discriminator_layers < 1 or discriminator_hidden < 1):
             raise ConfigError(
                 f"the discriminator needs discriminator_layers >= 1 and discriminator_hidden >= 1, got "
@@ -340,7 +346,9 @@ class DANNModule(ClassificationMixin, TransferModule):
             ParamGroup("head", [*self.bottleneck.parameters(), *self.head.parameters()], 1.0),
         ]
         if self.discriminator is not None:
-            groups.append(ParamGroup("discriminator", list(self.discriminator.parameters()), 1.0))
+            groups.append(
+                ParamGroup("discriminator", list(self.discriminator.parameters()), self.hparams.discriminator_lr_ratio)
+            )
         return groups
 
     # -- steps ------------------------------------------------------------------------------------
