@@ -10,6 +10,8 @@ Rows (``--methods``):
 - ``tfidf_lr``: scikit-learn TF-IDF (word 1–2-grams, sublinear tf) + logistic regression, the classic baseline;
 - ``probe_<long_text>_lr``: frozen MiniLM features (mean pooling, L2-normalised) + logistic regression;
 - ``probe_<long_text>_linear``: the same features + a linear head trained for 30 epochs on the cached features;
+- ``probe_<long_text>_layers4_lr``: the probe on MiniLM's last four hidden layers side by side
+  (``hidden_layers: 4``, the BERT paper's feature-based approach) + logistic regression;
 - ``finetune_<long_text>``: MiniLM fine-tuned (the benchmarks' recipe, ``bench/common.py``) for at least
   ``--min-steps`` optimizer steps (3 epochs at 2,000 reviews, more epochs at 200).
 
@@ -62,6 +64,7 @@ METHODS = (
     "tfidf_lr",
     *(f"probe_{mode}_lr" for mode in LONG_TEXT),
     *(f"probe_{mode}_linear" for mode in LONG_TEXT),
+    *(f"probe_{mode}_layers4_lr" for mode in ("truncate", "chunks")),
     *(f"finetune_{mode}" for mode in LONG_TEXT),
 )
 
@@ -121,7 +124,9 @@ def fit_and_test(model: Any, data: Any, epochs: int) -> tuple[dict[str, Any], fl
     return result, time.perf_counter() - start
 
 
-def probe(files: tuple[Path, Path], long_text: str, head: str, max_length: int, documents: int) -> dict[str, float]:
+def probe(
+    files: tuple[Path, Path], long_text: str, head: str, max_length: int, documents: int, hidden_layers: int = 1
+) -> dict[str, float]:
     from tlmodules import FeatureProbeModule
 
     pl.seed_everything(SEED, workers=True)
@@ -132,6 +137,7 @@ def probe(files: tuple[Path, Path], long_text: str, head: str, max_length: int, 
         head=head,
         lr=1e-2 if linear else 1e-3,
         normalize_features=True,
+        hidden_layers=hidden_layers,
         num_classes=data.num_classes,
         class_names=data.class_names,
         projection_samples=0,
@@ -171,7 +177,15 @@ def run_method(method: str, train: list[Row], test: list[Row], args: argparse.Na
     kind, _, rest = method.partition("_")
     if kind == "probe":
         long_text, _, head = rest.rpartition("_")
-        return probe(files, long_text, "logistic_regression" if head == "lr" else head, args.max_length, documents)
+        long_text, _, layers = long_text.partition("_layers")
+        return probe(
+            files,
+            long_text,
+            "logistic_regression" if head == "lr" else head,
+            args.max_length,
+            documents,
+            hidden_layers=int(layers) if layers else 1,
+        )
     return finetune(files, rest, args.max_length, len(train), args.min_steps, len(train))
 
 

@@ -71,6 +71,9 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
         cache_features: ``False`` runs the backbone on every batch of every epoch (for comparison).
         normalize_features: L2-normalise features before the classifier (sentence-transformers
             models such as all-MiniLM-L6-v2 are trained to be compared as unit vectors).
+        hidden_layers: a transformer backbone's features from its last ``hidden_layers`` layers side by side,
+            each pooled and L2-normalised (:meth:`tlmodules.backbones.TransformerBackbone.use_hidden_layers`;
+            the BERT paper's feature-based approach takes 4); 1: the last layer only.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
         cache_dir: str | None = None,
         cache_features: bool = True,
         normalize_features: bool = False,
+        hidden_layers: int = 1,
         predict_output: Literal["probabilities", "embeddings"] = "probabilities",
         projection_samples: int = 1000,
         save_backbone: bool = False,
@@ -120,6 +124,13 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
         )
         if level == "token" and not isinstance(self.backbone, TransformerBackbone):
             raise ConfigError("level='token' needs a transformer backbone (hf: or pkg: spec) with per-token features")
+        if hidden_layers != 1:
+            if not isinstance(self.backbone, TransformerBackbone):
+                raise ConfigError(
+                    f"hidden_layers={hidden_layers} needs a transformer backbone (hf: or pkg: spec); other backbones "
+                    "give one feature vector: set hidden_layers: 1"
+                )
+            self.backbone.use_hidden_layers(hidden_layers)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         if head not in HEAD_KINDS and head not in ESTIMATORS and "." not in head:
@@ -198,6 +209,7 @@ class FeatureProbeModule(ClassificationMixin, TransferModule):
             repr(self.backbone.preprocessing),
             self.hparams.level,
             self.hparams.pooling,
+            self.hparams.hidden_layers,
             self.backbone_digest(),
             data_key,
             split,

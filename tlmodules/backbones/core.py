@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from tlmodules.errors import UserError
+from tlmodules.errors import ConfigError, UserError
 from tlmodules.pooling import get_pooling
 
 
@@ -161,6 +161,8 @@ class TransformerBackbone(Backbone):
     and recomputes the slice in the backward pass: memory follows ``windows_per_pass``, not the batch's
     windows, for one more forward pass of the slices. Batches of at most ``windows_per_pass`` windows run as
     one pass, as before.
+
+    :meth:`use_hidden_layers` takes the features from the last ``n`` layers instead of the last one.
     """
 
     def __init__(self, *args: Any, pooling: str = "mean", windows_per_pass: int = 16, **kwargs: Any) -> None:
@@ -168,16 +170,40 @@ class TransformerBackbone(Backbone):
         self.pooling = pooling
         self._pool = get_pooling(pooling)
         self.windows_per_pass = windows_per_pass
+        self.hidden_size = self.num_features
+        self.hidden_layers = 1
+
+    def use_hidden_layers(self, count: int) -> None:
+        """Features from the last ``count`` hidden layers side by side, ``(B, count · hidden_size)``: the
+        feature-based approach of the BERT paper (Devlin et al., NAACL 2019, §5.3: the last four layers
+        concatenated were its best frozen features for NER). Earlier layers keep more of the words themselves,
+        which a frozen sentence encoder's last layer has pooled away. Each layer is pooled by itself and its
+        pooled vector L2-normalised, so that no layer outweighs the others by scale (all-MiniLM-L6-v2's last
+        layer has about a third of the norm of the ones below it); :meth:`forward_tokens` gives the layers'
+        token states side by side, unnormalised. ``count`` counts the embedding output as a layer too."""
+        depth = getattr(getattr(self.body, "config", None), "num_hidden_layers", None)
+        if count < 1 or (depth is not None and count > depth + 1):
+            raise ConfigError(
+                f"hidden_layers must be between 1 and {depth + 1 if depth is not None else 'the model depth'} "
+                f"(the encoder's layers plus its embeddings), got {count}; 4 is the BERT paper's choice"
+            )
+        self.hidden_layers = count
+        self.num_features = self.hidden_size * count
 
     def forward_tokens(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Per-token features ``(B, T, hidden_size)`` (per window row when ``inputs`` has ``document``)."""
-        return self.body(**{k: v for k, v in inputs.items() if k in ENCODER_INPUTS}).last_hidden_state
+        """Per-token features ``(B, T, hidden_size · hidden_layers)`` (per window row when ``inputs`` has
+        ``document``)."""
+        encoder = {k: v for k, v in inputs.items() if k in ENCODER_INPUTS}
+        if self.hidden_layers == 1:
+            return self.body(**encoder).last_hidden_state
+        states = self.body(**encoder, output_hidden_states=True).hidden_states
+        return torch.cat(states[-self.hidden_layers :], dim=-1)
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         mask = inputs["attention_mask"]
         document = inputs.get("document")
         if document is None:
-            return self._pool(self.forward_tokens(inputs), mask)
+            return self._pool_part(inputs)
         return self.combine_windows(self.pooled_windows(inputs), mask.sum(1), document, self.pooling)
 
     def pooled_windows(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -198,7 +224,12 @@ class TransformerBackbone(Backbone):
         return torch.cat(parts)
 
     def _pool_part(self, part: Mapping[str, Tensor]) -> Tensor:
-        return self._pool(self.forward_tokens(part), part["attention_mask"])
+        mask = part["attention_mask"]
+        tokens = self.forward_tokens(part)
+        if self.hidden_layers == 1:
+            return self._pool(tokens, mask)
+        layers = tokens.split(self.hidden_size, dim=-1)
+        return torch.cat([nn.functional.normalize(self._pool(layer, mask), dim=-1) for layer in layers], dim=-1)
 
     @staticmethod
     def combine_windows(pooled: Tensor, window_tokens: Tensor, document: Tensor, pooling: str) -> Tensor:
