@@ -60,9 +60,18 @@ def test_windows_of_a_document_combine_the_layered_features(tiny_hf_dir):
         documents = backbone(batch)
         rows = backbone.pooled_windows(batch)
     assert documents.shape == (2, 2 * backbone.hidden_size)
+    # the windows' raw layers are combined (token-weighted mean), then each layer is normalised once per document
     counts = batch["attention_mask"].sum(1).float()
-    torch.testing.assert_close(documents[0], (rows[0] * counts[0] + rows[1] * counts[1]) / counts[:2].sum())
-    torch.testing.assert_close(documents[1], rows[2])
+    width = backbone.hidden_size
+
+    def per_layer_unit(vector: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.normalize(v, dim=-1) for v in vector.split(width, dim=-1)], -1)
+
+    torch.testing.assert_close(
+        documents[0], per_layer_unit((rows[0] * counts[0] + rows[1] * counts[1]) / counts[:2].sum())
+    )
+    torch.testing.assert_close(documents[1], per_layer_unit(rows[2]))
+    assert not torch.allclose(rows[0].norm(), torch.tensor(2.0).sqrt())  # the windows themselves stay unnormalised
 
 
 @pytest.mark.parametrize("count", [0, 4])  # the tiny BERT has 2 layers + embeddings = 3

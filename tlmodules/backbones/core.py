@@ -177,10 +177,11 @@ class TransformerBackbone(Backbone):
         """Features from the last ``count`` hidden layers side by side, ``(B, count · hidden_size)``: the
         feature-based approach of the BERT paper (Devlin et al., NAACL 2019, §5.3: the last four layers
         concatenated were its best frozen features for NER). Earlier layers keep more of the words themselves,
-        which a frozen sentence encoder's last layer has pooled away. Each layer is pooled by itself and its
-        pooled vector L2-normalised, so that no layer outweighs the others by scale (all-MiniLM-L6-v2's last
-        layer has about a third of the norm of the ones below it); :meth:`forward_tokens` gives the layers'
-        token states side by side, unnormalised. ``count`` counts the embedding output as a layer too."""
+        which a frozen sentence encoder's last layer has pooled away. Each layer is pooled by itself (a
+        document's windows combined as usual) and its pooled vector L2-normalised, so that no layer outweighs
+        the others by scale (all-MiniLM-L6-v2's last layer has about a third of the norm of the ones below
+        it). :meth:`forward_tokens` gives the layers' token states side by side, unnormalised. ``count`` counts
+        the embedding output as a layer too."""
         depth = getattr(getattr(self.body, "config", None), "num_hidden_layers", None)
         if count < 1 or (depth is not None and count > depth + 1):
             raise ConfigError(
@@ -203,8 +204,14 @@ class TransformerBackbone(Backbone):
         mask = inputs["attention_mask"]
         document = inputs.get("document")
         if document is None:
-            return self._pool_part(inputs)
-        return self.combine_windows(self.pooled_windows(inputs), mask.sum(1), document, self.pooling)
+            pooled = self._pool_part(inputs)
+        else:
+            pooled = self.combine_windows(self.pooled_windows(inputs), mask.sum(1), document, self.pooling)
+        if self.hidden_layers == 1:
+            return pooled
+        # each layer normalised once per document (after its windows are combined), not per window
+        layers = pooled.split(self.hidden_size, dim=-1)
+        return torch.cat([nn.functional.normalize(layer, dim=-1) for layer in layers], dim=-1)
 
     def pooled_windows(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Each window row pooled, ``(W, hidden_size)``, encoded ``windows_per_pass`` rows at a time (see the
@@ -224,12 +231,8 @@ class TransformerBackbone(Backbone):
         return torch.cat(parts)
 
     def _pool_part(self, part: Mapping[str, Tensor]) -> Tensor:
-        mask = part["attention_mask"]
-        tokens = self.forward_tokens(part)
-        if self.hidden_layers == 1:
-            return self._pool(tokens, mask)
-        layers = tokens.split(self.hidden_size, dim=-1)
-        return torch.cat([nn.functional.normalize(self._pool(layer, mask), dim=-1) for layer in layers], dim=-1)
+        # mean, max and cls pool each feature alone, so several layers side by side are pooled layer by layer
+        return self._pool(self.forward_tokens(part), part["attention_mask"])
 
     @staticmethod
     def combine_windows(pooled: Tensor, window_tokens: Tensor, document: Tensor, pooling: str) -> Tensor:
