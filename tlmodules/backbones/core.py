@@ -214,8 +214,8 @@ class TransformerBackbone(Backbone):
         return torch.cat([nn.functional.normalize(layer, dim=-1) for layer in layers], dim=-1)
 
     def pooled_windows(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Each window row pooled, ``(W, hidden_size)``, encoded ``windows_per_pass`` rows at a time (see the
-        class docstring)."""
+        """Each window row pooled, ``(W, num_features)`` (with several layers, each unnormalised), encoded
+        ``windows_per_pass`` rows at a time (see the class docstring)."""
         rows = inputs["attention_mask"].shape[0]
         if rows <= self.windows_per_pass:
             return self._pool_part(inputs)
