@@ -26,6 +26,12 @@ there (``--report`` alone rebuilds it), is ``bench/results/few_shot.json``:
     python bench/few_shot.py --threads 1                                    # everything (hours on one core)
     python bench/few_shot.py --sets sst2 --ks 8 64 --seeds 0 1 2 --methods contrastive setfit
     python bench/few_shot.py --report
+
+Ablations: ``--recipe`` takes JSON overrides of the recipes' ``model`` / ``data`` / ``trainer`` arguments and
+``--tag`` names the variant; its runs go to ``bench/results/few_shot_ablations.runs.jsonl`` as
+``<method>@<tag>`` (report ``few_shot_ablations.json``), so they never enter the shipped recipes' table:
+
+    python bench/few_shot.py --ks 64 --methods contrastive --tag batch64 --recipe '{"data": {"batch_size": 64}}'
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from bench.common import (  # noqa: E402
 TEXT = SHARED / "text"
 RUNS = RESULTS / "few_shot.runs.jsonl"
 REPORT = RESULTS / "few_shot.json"
+ABLATION_RUNS = RESULTS / "few_shot_ablations.runs.jsonl"  # --tag: variants of the recipes, kept out of the table
+ABLATION_REPORT = RESULTS / "few_shot_ablations.json"
 RECIPES = {
     "probe": ROOT / "configs" / "minilm_probe.yaml",
     "finetune": ROOT / "configs" / "minilm_finetune.yaml",
@@ -89,14 +97,21 @@ def draw(pool: list[Row], k: int, seed: int) -> list[Row]:
     return chosen
 
 
-def run_recipe(method: str, train: Path, test: Path) -> tuple[float, float]:
-    """Fit the method's recipe on ``train``; (test accuracy, fit seconds)."""
+def run_recipe(
+    method: str, train: Path, test: Path, overrides: dict[str, dict[str, Any]] | None = None
+) -> tuple[float, float]:
+    """Fit the method's recipe on ``train``, its ``model`` / ``data`` / ``trainer`` arguments updated by
+    ``overrides`` (an ablation's variant); (test accuracy, fit seconds)."""
     import lightning.pytorch as pl
 
     from datamodules import TextClassificationDataModule
     from tlmodules import FeatureProbeModule, FineTuneModule
 
     model_args, data_args, trainer_args = recipe_arguments(RECIPES[method])
+    overrides = overrides or {}
+    model_args.update(overrides.get("model", {}))
+    data_args.update(overrides.get("data", {}))
+    trainer_args.update(overrides.get("trainer", {}))
     pl.seed_everything(0, workers=True)
     # write_tsv's files: no header, sentences with quote marks; the CLI links the backbone, here it is passed
     data_args = {**data_args, "quoting": False, "backbone": MINILM}
@@ -166,15 +181,17 @@ def report() -> dict[str, Any]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print("\n| set | K | " + " | ".join(METHODS) + " |")
-    print("|---|---|" + "---|" * len(METHODS))
+    present = {m for by_k in summary["results"].values() for rows in by_k.values() for m in rows}
+    columns = [m for m in METHODS if m in present] + sorted(present - set(METHODS))  # then tagged variants
+    print("\n| set | K | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for name, by_k in summary["results"].items():
         for k, rows in sorted(by_k.items(), key=lambda item: int(item[0])):
             cells = [
                 f"{rows[m]['mean']:.3f} ± {rows[m]['std']:.3f} ({rows[m]['seconds']:.0f} s, {rows[m]['runs']})"
                 if m in rows
                 else "—"
-                for m in METHODS
+                for m in columns
             ]
             print(f"| {name} | {k} | " + " | ".join(cells) + " |")
 
@@ -187,7 +204,25 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set deliberately)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
+    parser.add_argument(
+        "--recipe",
+        default="{}",
+        help='JSON overrides of the recipes\' arguments, e.g. \'{"data": {"batch_size": 64}}\' (ablations; with --tag)',
+    )
+    parser.add_argument(
+        "--tag",
+        help="name this invocation's variant: its runs are stored as <method>@<tag> in few_shot_ablations.runs.jsonl "
+        "(report: few_shot_ablations.json), apart from the shipped recipes' table",
+    )
     args = parser.parse_args()
+    overrides = json.loads(args.recipe)
+    if overrides and not args.tag:
+        parser.error("--recipe changes the recipes: name the variant with --tag, so its runs stay apart")
+    if args.tag and "setfit" in args.methods:
+        parser.error("--tag is for variants of tlmodules' recipes: leave setfit out of --methods")
+    global RUNS, REPORT
+    if args.tag:
+        RUNS, REPORT = ABLATION_RUNS, ABLATION_REPORT
     if not args.report:
         import torch
 
@@ -209,10 +244,13 @@ def main() -> None:
                             accuracy, seconds = (
                                 run_setfit(train, test, Path(scratch))
                                 if method == "setfit"
-                                else run_recipe(method, *files)
+                                else run_recipe(method, *files, overrides)
                             )
-                            run = {"set": name, "k": k, "seed": seed, "method": method, "accuracy": round(accuracy, 4),
+                            label = f"{method}@{args.tag}" if args.tag else method
+                            run = {"set": name, "k": k, "seed": seed, "method": label, "accuracy": round(accuracy, 4),
                                    "seconds": round(seconds, 1), **stamp}  # fmt: skip
+                            if overrides:
+                                run["recipe"] = overrides
                             print(json.dumps(run), flush=True)
                             RUNS.parent.mkdir(parents=True, exist_ok=True)
                             with RUNS.open("a") as handle:
