@@ -201,7 +201,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["sst2", "yelp", "amazon"], choices=["sst2", "yelp", "amazon"])
     parser.add_argument("--ks", nargs="+", type=int, default=[8, 16, 64])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="default: all (with --tag: tlmodules' recipes)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set deliberately)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
     parser.add_argument(
@@ -218,8 +220,9 @@ def main() -> None:
     overrides = json.loads(args.recipe)
     if overrides and not args.tag:
         parser.error("--recipe changes the recipes: name the variant with --tag, so its runs stay apart")
-    if args.tag and "setfit" in args.methods:
+    if args.tag and args.methods and "setfit" in args.methods:
         parser.error("--tag is for variants of tlmodules' recipes: leave setfit out of --methods")
+    methods = args.methods or list(RECIPES if args.tag else METHODS)
     global RUNS, REPORT
     if args.tag:
         RUNS, REPORT = ABLATION_RUNS, ABLATION_REPORT
@@ -240,7 +243,7 @@ def main() -> None:
                             write_tsv(train, Path(scratch) / "train.tsv"),
                             write_tsv(test, Path(scratch) / "test.tsv"),
                         )
-                        for method in args.methods:
+                        for method in methods:
                             accuracy, seconds = (
                                 run_setfit(train, test, Path(scratch))
                                 if method == "setfit"
