@@ -152,11 +152,11 @@ def run_setfit(train: list[Row], test: list[Row], scratch: Path) -> tuple[float,
     return float(accuracy), seconds
 
 
-def report() -> dict[str, Any]:
+def report(runs_file: Path = RUNS) -> dict[str, Any]:
     """Mean ± std over seeds per set, K and method, from every run in the runs file (the latest run of a
     (set, K, method, seed) counts)."""
     latest: dict[tuple, dict] = {}
-    for line in RUNS.read_text().splitlines() if RUNS.exists() else []:
+    for line in runs_file.read_text().splitlines() if runs_file.exists() else []:
         run = json.loads(line)
         latest[(run["set"], run["k"], run["method"], run["seed"])] = run
     grouped: dict[tuple, list[dict]] = {}
@@ -223,9 +223,7 @@ def main() -> None:
     if args.tag and args.methods and "setfit" in args.methods:
         parser.error("--tag is for variants of tlmodules' recipes: leave setfit out of --methods")
     methods = args.methods or list(RECIPES if args.tag else METHODS)
-    global RUNS, REPORT
-    if args.tag:
-        RUNS, REPORT = ABLATION_RUNS, ABLATION_REPORT
+    runs_file, report_file = (ABLATION_RUNS, ABLATION_REPORT) if args.tag else (RUNS, REPORT)
     if not args.report:
         import torch
 
@@ -255,11 +253,11 @@ def main() -> None:
                             if overrides:
                                 run["recipe"] = overrides
                             print(json.dumps(run), flush=True)
-                            RUNS.parent.mkdir(parents=True, exist_ok=True)
-                            with RUNS.open("a") as handle:
+                            runs_file.parent.mkdir(parents=True, exist_ok=True)
+                            with runs_file.open("a") as handle:
                                 handle.write(json.dumps(run) + "\n")
-    summary = report()
-    REPORT.write_text(json.dumps(summary, indent=2) + "\n")
+    summary = report(runs_file)
+    report_file.write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
 
 
