@@ -18,11 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-# pytest-xdist (the README runs ``-n 2``): each worker gets its share of the cores, so two workers' OpenMP threads
-# never contend for the same core (on 2 shared cores a second thread beside a busy process ran many times slower)
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+# One torch thread per test process, set once for the session: the tests' models and tensors are tiny, and the
+# README runs two pytest-xdist workers side by side (``-n 2``), whose OpenMP threads must not contend for a core
+# (on 2 shared cores a second thread beside a busy process ran many times slower)
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

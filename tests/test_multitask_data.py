@@ -14,8 +14,6 @@ from PIL import Image
 
 from datamodules import DataError, MultiTaskDataModule
 
-torch.set_num_threads(1)
-
 ENERGY = SHARED_DATA / "tabular" / "energy_efficiency" / "ENB2012_data.csv"
 
 
