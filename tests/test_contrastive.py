@@ -76,6 +76,38 @@ def test_a_batch_without_same_class_pairs_gives_zero_loss_with_a_graph() -> None
     assert torch.count_nonzero(embeddings.grad) == 0
 
 
+def simplex_embeddings(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Each class at a vertex of a regular simplex centred at the origin: cosine 1 within a class and
+    ``-1/(C-1)`` between classes."""
+    vertices = torch.eye(classes) - 1.0 / classes
+    return vertices[labels]
+
+
+@pytest.mark.parametrize(("temperature", "classes"), [(0.1, 2), (0.2, 4), (1.0, 3)])
+def test_supcon_floor_is_the_loss_of_a_class_simplex_and_lies_below_any_other_embedding(
+    temperature: float, classes: int
+) -> None:
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0] + list(range(classes)) * 3)
+    loss_fn = SupervisedContrastiveLoss(temperature)
+    floor = loss_fn.floor(labels, classes)
+    assert torch.allclose(loss_fn(simplex_embeddings(labels, classes), labels), floor, atol=1e-5)
+    torch.manual_seed(0)
+    for _ in range(20):  # random, and the simplex nudged a little: every one scores above the floor
+        assert loss_fn(torch.randn(len(labels), classes), labels) > floor
+        nudged = simplex_embeddings(labels, classes) + 0.05 * torch.randn(len(labels), classes)
+        assert loss_fn(nudged, labels) > floor
+    if temperature <= 0.1:  # negatives then weigh nothing: the floor is the mean of log(positives per anchor)
+        positives = (labels[:, None] == labels[None, :]).sum(1) - 1
+        assert torch.allclose(floor, positives.float().log().mean(), atol=1e-3)
+
+
+def test_supcon_floor_is_zero_where_the_loss_is() -> None:
+    loss_fn = SupervisedContrastiveLoss(0.2)
+    assert loss_fn.floor(torch.arange(4), 4) == 0.0  # no same-class pair
+    assert loss_fn.floor(torch.zeros(4, dtype=torch.long), 2) == 0.0  # no different-class pair
+    assert loss_fn(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)) == 0.0
+
+
 def test_fitted_logistic_head_reproduces_scikit_learn_on_normalised_features() -> None:
     torch.manual_seed(0)
     features = torch.randn(60, 7) * 4 + torch.arange(60)[:, None] % 3
@@ -172,6 +204,61 @@ def test_contrastive_separates_the_classes_of_the_training_sentences(
     before = margin()
     make_trainer(max_steps=30, max_epochs=None, default_root_dir=tmp_path).fit(model, datamodule=few_label_data)
     assert margin() > before + 0.1, (before, margin())
+
+
+def test_contrastive_stop_gap_ends_the_fit_once_the_training_loss_nears_its_floor(
+    tiny_hf_dir: Path, few_label_data: TextClassificationDataModule, tmp_path: Path
+) -> None:
+    """24 sentences in batches of 8: three steps an epoch. The logged gap is the epoch's loss minus its floor; the
+    fit stops after the first epoch whose gap is at most ``contrastive_stop_gap``, and not before."""
+
+    def recording_gaps(model: FineTuneModule) -> list[float]:
+        gaps: list[float] = []
+        original = model.on_train_epoch_means
+
+        def record(means: dict[str, torch.Tensor]) -> None:
+            gaps.append(float(means["train/contrastive_gap"]))
+            original(means)
+
+        model.on_train_epoch_means = record
+        return gaps
+
+    torch.manual_seed(0)  # the same draws (dropout, batch order) for both runs
+    free = contrastive_model(tiny_hf_dir)
+    gaps = recording_gaps(free)
+    make_trainer(max_epochs=8, default_root_dir=tmp_path).fit(free, datamodule=few_label_data)
+    assert len(gaps) == 8 and all(g > 0 for g in gaps) and gaps[-1] < gaps[0], gaps
+    threshold = (gaps[2] + gaps[3]) / 2 if gaps[3] < gaps[2] else gaps[3]
+    first_below = next(i for i, g in enumerate(gaps) if g <= threshold)
+
+    torch.manual_seed(0)
+    stopped = FineTuneModule(
+        backbone=f"hf:{tiny_hf_dir}",
+        strategy="contrastive",
+        lr=1e-3,
+        lr_schedule="constant",
+        contrastive_stop_gap=threshold,
+    )
+    stopped_gaps = recording_gaps(stopped)
+    trainer = make_trainer(max_epochs=8, default_root_dir=tmp_path)
+    trainer.fit(stopped, datamodule=few_label_data)
+    assert stopped_gaps == pytest.approx(gaps[: first_below + 1], abs=1e-6), "the same run, cut short"
+    assert trainer.global_step == 3 * (first_below + 1)
+    assert stopped._head_fitted_step == trainer.global_step, "the head is fitted on the backbone the stop leaves"
+
+    # min_steps still holds the fit
+    held = FineTuneModule(
+        backbone=f"hf:{tiny_hf_dir}",
+        strategy="contrastive",
+        lr=1e-3,
+        lr_schedule="constant",
+        contrastive_stop_gap=1e6,
+    )
+    trainer = make_trainer(max_epochs=8, min_steps=6, default_root_dir=tmp_path)
+    trainer.fit(held, datamodule=few_label_data)
+    assert trainer.global_step == 6
+    with pytest.raises(ConfigError, match="contrastive_stop_gap"):
+        FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", contrastive_stop_gap=0.0)
 
 
 def test_contrastive_refits_the_head_before_each_validation(tiny_hf_dir: Path, make_text_file, tmp_path: Path) -> None:

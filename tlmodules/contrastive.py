@@ -10,6 +10,7 @@ pairs, where SetFit's pair sampling pays two encoder passes per pair. The second
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,24 @@ class SupervisedContrastiveLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         embeddings = embeddings.float()  # the similarity's exp(·/τ) is not bf16-safe
         return self.loss(embeddings, labels) + 0.0 * embeddings.sum()
+
+    def floor(self, labels: Tensor, num_classes: int) -> Tensor:
+        """The lowest value the loss can take on a batch of these labels ``(B,)``: its value when the classes'
+        embeddings form a regular simplex, every same-class pair at cosine 1 and every other pair at
+        ``-1/(C-1)`` (SupCon's minimisers: Graf et al., "Dissecting Supervised Contrastive Learning", ICML
+        2021). Anchor ``i`` with ``P_i`` positives and ``N_i`` negatives then scores
+        ``log(P_i + N_i·exp(-C/((C-1)·τ)))``, about ``log P_i`` at the usual temperatures; the loss averages
+        over anchors with a positive, and is zero on a batch without both kinds of pair."""
+        same = labels[:, None] == labels[None, :]
+        positives = same.sum(dim=1) - 1
+        negatives = (~same).sum(dim=1)
+        has_positive = positives > 0
+        if not bool(has_positive.any()) or not bool((negatives > 0).any()):
+            return torch.zeros((), device=labels.device)
+        classes = max(num_classes, 2)
+        negative_weight = math.exp(-classes / ((classes - 1) * self.temperature))
+        per_anchor = torch.log(positives[has_positive].float() + negatives[has_positive].float() * negative_weight)
+        return per_anchor.mean()
 
 
 def share_rank_zero_buffers(module: nn.Module) -> None:

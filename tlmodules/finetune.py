@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
@@ -63,6 +64,12 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         pretrained: fetch the pretrained weights; ``False`` builds the architecture only, for
             weights that a checkpoint will overwrite (``load_from_checkpoint`` does this itself).
         contrastive_temperature: SupCon's temperature τ under ``strategy="contrastive"``.
+        contrastive_stop_gap: under ``strategy="contrastive"``, end the fit after the first epoch whose mean
+            training loss is within this much of the loss's floor on the same batches
+            (:meth:`SupervisedContrastiveLoss.floor`; logged as ``train/contrastive_gap``): the classes of the
+            training set are then separated, and more steps only tighten them. A stop that needs no held-out
+            labels, so the step budget follows the data; ``max_steps`` still caps the fit, ``min_steps`` still
+            holds it. ``None``: no such stop.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         num_features: int | None = None,
         pretrained: bool = True,
         contrastive_temperature: float = 0.07,
+        contrastive_stop_gap: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -113,6 +121,11 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             )
         if contrastive_temperature <= 0:
             raise ConfigError(f"contrastive_temperature must be positive, got {contrastive_temperature}")
+        if contrastive_stop_gap is not None and contrastive_stop_gap <= 0:
+            raise ConfigError(
+                f"contrastive_stop_gap must be positive (or null for no stop on the training loss), "
+                f"got {contrastive_stop_gap}"
+            )
         self.contrastive_loss = (
             SupervisedContrastiveLoss(contrastive_temperature) if strategy == "contrastive" else None
         )
@@ -246,6 +259,8 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         if self.contrastive_loss is not None:
             loss = self.contrastive_loss(self.features(inputs), labels)
             self.log("train/contrastive_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+            gap = loss.detach() - self.contrastive_loss.floor(labels, self.num_classes)
+            self.accumulate_epoch_mean("train/contrastive_gap", gap, len(labels))
         else:
             logits = self(inputs)
             loss = self.classification_loss(logits, labels)
@@ -291,6 +306,19 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         # not for the sanity check: nothing has trained yet, and its metrics are not kept
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             self._refit_contrastive_head()
+
+    def on_train_epoch_means(self, means: dict[str, Tensor]) -> None:
+        stop_gap = self.hparams.contrastive_stop_gap
+        gap = means.get("train/contrastive_gap")
+        if stop_gap is None or gap is None or float(gap) > stop_gap:
+            return
+        # the mean is over every process's batches, so all processes stop at the same epoch
+        if not self.trainer.should_stop:
+            rank_zero_info(
+                f"contrastive: the training loss is {float(gap):.3f} above its floor (contrastive_stop_gap="
+                f"{stop_gap}); stopping after {self.trainer.global_step} optimizer steps"
+            )
+        self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
         self._refit_contrastive_head()  # the model the fit hands back (a run cut short by max_steps included)
