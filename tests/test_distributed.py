@@ -364,6 +364,8 @@ def test_contrastive_strategy_shards_batches_and_fits_the_head_on_every_rank_s_s
         assert not set(a) & set(b) and sorted(a + b) == list(range(NUM_SAMPLES))
     assert r0["head_fit_samples"] == r1["head_fit_samples"] == NUM_SAMPLES
     assert r0["head_fitted_step"] == r0["global_step"] == 3 * STEPS_PER_EPOCH
+    # the gap a contrastive_stop_gap reads is averaged over both ranks' batches: every rank sees one value
+    assert r0["metrics"]["train/contrastive_gap"] == r1["metrics"]["train/contrastive_gap"] > 0
     for name in r0["final"]:
         assert torch.equal(r0["final"][name], r1["final"][name]), f"{name} differs between ranks"
     # the head was fitted on features of one network: rank 0's BatchNorm statistics went to rank 1 first
