@@ -48,13 +48,12 @@ class SupervisedContrastiveLoss(nn.Module):
         same = labels[:, None] == labels[None, :]
         positives = same.sum(dim=1) - 1
         negatives = (~same).sum(dim=1)
-        has_positive = positives > 0
-        if not bool(has_positive.any()) or not bool((negatives > 0).any()):
-            return torch.zeros((), device=labels.device)
+        counted = (positives > 0) & (negatives.sum() > 0)  # the anchors the loss averages over
         classes = max(num_classes, 2)
         negative_weight = math.exp(-classes / ((classes - 1) * self.temperature))
-        per_anchor = torch.log(positives[has_positive].float() + negatives[has_positive].float() * negative_weight)
-        return per_anchor.mean()
+        per_anchor = torch.log(positives.clamp(min=1).float() + negatives.float() * negative_weight)
+        # masked rather than indexed: no host sync on the training step
+        return (per_anchor * counted).sum() / counted.sum().clamp(min=1)
 
 
 def share_rank_zero_buffers(module: nn.Module) -> None:
