@@ -226,8 +226,22 @@ def test_contrastive_stop_gap_ends_the_fit_once_the_training_loss_nears_its_floo
     torch.manual_seed(0)  # the same draws (dropout, batch order) for both runs
     free = contrastive_model(tiny_hf_dir)
     gaps = recording_gaps(free)
-    make_trainer(max_epochs=8, default_root_dir=tmp_path).fit(free, datamodule=few_label_data)
+    floors: list[float] = []
+    floor = free.contrastive_loss.floor
+
+    def recording_floor(labels: torch.Tensor, classes: int) -> torch.Tensor:
+        value = floor(labels, classes)
+        floors.append(float(value))
+        return value
+
+    free.contrastive_loss.floor = recording_floor
+    trainer = make_trainer(max_epochs=8, default_root_dir=tmp_path)
+    trainer.fit(free, datamodule=few_label_data)
     assert len(gaps) == 8 and all(g > 0 for g in gaps) and gaps[-1] < gaps[0], gaps
+    # the last epoch's gap: its mean loss minus the mean floor of its three (equal) batches, two classes each
+    assert len(floors) == 24 and all(1.0 < f < math.log(7) + 1e-6 for f in floors[-3:]), floors[-3:]
+    epoch_loss = float(trainer.callback_metrics["train/contrastive_loss_epoch"])
+    assert gaps[-1] == pytest.approx(epoch_loss - sum(floors[-3:]) / 3, abs=1e-5)
     threshold = (gaps[2] + gaps[3]) / 2 if gaps[3] < gaps[2] else gaps[3]
     first_below = next(i for i, g in enumerate(gaps) if g <= threshold)
 
