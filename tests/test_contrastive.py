@@ -268,9 +268,9 @@ def test_contrastive_stop_gap_ends_the_fit_once_the_training_loss_nears_its_floo
         lr_schedule="constant",
         contrastive_stop_gap=1e6,
     )
-    trainer = make_trainer(max_epochs=8, min_steps=6, default_root_dir=tmp_path)
+    trainer = make_trainer(max_epochs=8, min_steps=5, default_root_dir=tmp_path)
     trainer.fit(held, datamodule=few_label_data)
-    assert trainer.global_step == 6
+    assert trainer.global_step == 5  # Lightning ends the fit mid-epoch once min_steps is met
     with pytest.raises(ConfigError, match="contrastive_stop_gap"):
         FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", contrastive_stop_gap=0.0)
 

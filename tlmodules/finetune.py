@@ -314,9 +314,12 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             return
         # the mean is over every process's batches, so all processes stop at the same epoch
         if not self.trainer.should_stop:
+            step, min_steps = self.trainer.global_step, self.trainer.min_steps or 0
+            # Lightning keeps a fit going until min_steps even when told to stop, and then ends it mid-epoch
+            when = "now" if step >= min_steps else f"at min_steps={min_steps}"
             rank_zero_info(
                 f"contrastive: the training loss is {float(gap):.3f} above its floor (contrastive_stop_gap="
-                f"{stop_gap}); stopping after {self.trainer.global_step} optimizer steps"
+                f"{stop_gap}) after {step} optimizer steps; the fit ends {when}"
             )
         self.trainer.should_stop = True
 
