@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.augment import augment_state, load_augment_state, seed_for_process
 from datamodules.loaders import ResumableLoader
@@ -143,6 +143,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.collate_fn: Callable | None = None
         self.batch_augment: Callable[[Any], Any] | None = None  # applied to training batches on their device
         self.group_by_length = False  # training batches of similar lengths, where sample_lengths knows them
+        self.group_by_class = False  # training batches that hold each of their classes several times
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """``batch_augment`` (e.g. :class:`datamodules.augment.RandomAffineBatch`) on the inputs of training
@@ -214,8 +215,9 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         """Shuffled (training): a :class:`datamodules.loaders.ResumableLoader` over a sampler seeded by ``seed``
-        and the epoch, sharded per process, length-grouped where ``group_by_length`` and ``sample_lengths``
-        allow, so a checkpoint records the position and a resumed run reads the same batches. In order
+        and the epoch, sharded per process, class-grouped where ``group_by_class`` (``sample_labels``) asks,
+        length-grouped where ``group_by_length`` and ``sample_lengths`` allow, so a checkpoint records the position
+        and a resumed run reads the same batches. In order
         (evaluation): a plain loader, sharded without repeats under DDP."""
         if stage not in self.datasets:
             raise DataError(f"no {stage} data: set the {stage} file or folder of {type(self).__name__}")
@@ -229,7 +231,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, sampler=evaluation_sampler(dataset, self.trainer), **common)
         lengths = self.sample_lengths(stage) if self.group_by_length else None
-        sampler = training_sampler(len(dataset), self.batch_size, self.trainer, self.seed, lengths)  # type: ignore[arg-type]
+        labels = self.sample_labels(stage) if self.group_by_class else None
+        sampler = training_sampler(len(dataset), self.batch_size, self.trainer, self.seed, lengths, labels)  # type: ignore[arg-type]
         return ResumableLoader(dataset, sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
@@ -306,6 +309,27 @@ class ClassificationDataModule(pl.LightningDataModule):
         """The length of every sample of ``stage`` (e.g. its token count) for length-grouped batching;
         ``None`` where samples have no length (images)."""
         return None
+
+    def sample_labels(self, stage: str) -> list[int]:
+        """The class index of every sample of ``stage`` (a held-out split's share of its dataset included), for
+        class-grouped batching."""
+        dataset = self.datasets[stage]
+        rows = list(dataset.indices) if isinstance(dataset, Subset) else None
+        full = dataset.dataset if isinstance(dataset, Subset) else dataset
+        labels = getattr(full, "labels", None)
+        if labels is None:
+            raise DataError(f"group_by_class needs per-sample class labels, which {type(self).__name__} does not keep")
+        labels = [int(y) for y in labels]
+        return labels if rows is None else [labels[i] for i in rows]
+
+    @staticmethod
+    def check_batch_grouping(group_by_length: bool, group_by_class: bool) -> None:
+        """Training batches are grouped by length or by class, not both."""
+        if group_by_length and group_by_class:
+            raise DataError(
+                "group_by_length and group_by_class both set: batches are grouped one way; keep group_by_class "
+                "for a contrastive loss (it needs same-class pairs), group_by_length otherwise"
+            )
 
     def fingerprint(self, stage: str) -> str | None:
         """A string that changes whenever the inputs of ``stage`` could change (files, preprocessing), so

@@ -150,7 +150,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     fails the run at the start, not hours in. ``labels`` fixes the class list and its order (class folders
     outside it are an error); ``test``/``predict`` from a checkpoint get the checkpoint's classes this way.
     ``batch_augment`` (a :class:`RandomAffineBatch`) transforms whole training batches on their device,
-    after the per-image ``augment``/``hflip``.
+    after the per-image ``augment``/``hflip``. ``group_by_class`` makes training batches that hold each of their
+    classes several times (:class:`datamodules.samplers.ClassGroupedSampler`), for ``strategy: contrastive``.
     """
 
     def __init__(
@@ -172,10 +173,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         verify_images: bool = True,
         batch_augment: RandomAffineBatch | None = None,
         labels: list[str] | None = None,
+        group_by_class: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights", "batch_augment"])  # the model logs these
         self.batch_augment = batch_augment
+        self.group_by_class = group_by_class
         if image_size is not None and image_size <= 0:
             raise DataError(f"image_size must be positive, got {image_size}")
         self.image_size, self.in_channels, self.augment, self.hflip = image_size, in_channels, augment, hflip

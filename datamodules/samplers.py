@@ -9,7 +9,8 @@ Training samplers are :class:`ResumableSampler` subclasses: one iteration is a *
 order is a pure function of ``(seed, epoch, cycle)`` and the process's shard, and a pass can start part-way, so a run
 resumed mid-epoch (:class:`datamodules.loaders.ResumableLoader` keeps the count) reads what the uninterrupted
 run would have read. :class:`ShuffledSampler` shuffles like ``DistributedSampler``;
-:class:`LengthGroupedSampler` orders training text into batches of similar lengths, sharded per process.
+:class:`LengthGroupedSampler` orders training text into batches of similar lengths, and :class:`ClassGroupedSampler`
+into batches that hold each of their classes several times (for contrastive losses), both sharded per process.
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         return iter(self.pass_order()[self.skip :])
 
+    def shard_batches(self, order: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+        """This process's share of ``order`` (a permutation of the dataset, whose consecutive runs of
+        ``batch_size`` are the batches meant): padded by repeating samples to a multiple of the number of
+        processes, cut into full batches, the batches shuffled by ``generator`` and dealt out ``rank::num_replicas``,
+        so every process runs the same number of batches (a process's one short batch comes last). A re-read within
+        an epoch (cycle > 0) shuffles this process's full batches again, seeded by :meth:`pass_key`."""
+        order = order + (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
+        full_batches, short = divmod(self.num_samples, batch_size)
+        cut = full_batches * batch_size * self.num_replicas
+        batches = [order[s : s + batch_size] for s in range(0, cut, batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        batches = batches[self.rank :: self.num_replicas]
+        if self.cycle:
+            again = torch.Generator().manual_seed(self.pass_key())
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=again).tolist()]
+        mine = [i for batch in batches for i in batch]
+        mine += order[cut + self.rank * short : cut + (self.rank + 1) * short]
+        return mine
+
 
 class ShuffledSampler(ResumableSampler):
     """Shuffled training order: in cycle 0 of an epoch exactly ``DistributedSampler``'s (a permutation seeded by
@@ -177,20 +197,67 @@ class LengthGroupedSampler(ResumableSampler):
         order += (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
         group = self.batch_size * self.num_replicas * self.group_batches
         order = [i for s in range(0, len(order), group) for i in sorted(order[s : s + group], key=self._longest_first)]
-        full_batches, short = divmod(self.num_samples, self.batch_size)
-        cut = full_batches * self.batch_size * self.num_replicas
-        batches = [order[s : s + self.batch_size] for s in range(0, cut, self.batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        batches = batches[self.rank :: self.num_replicas]
-        if self.cycle:
-            again = torch.Generator().manual_seed(self.pass_key())
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=again).tolist()]
-        mine = [i for batch in batches for i in batch]
-        mine += order[cut + self.rank * short : cut + (self.rank + 1) * short]
-        return mine
+        return self.shard_batches(order, self.batch_size, generator)
 
     def _longest_first(self, index: int) -> int:
         return -self.lengths[index]
+
+
+class ClassGroupedSampler(ResumableSampler):
+    """Training order whose batches hold each of their classes several times: positives for a contrastive loss.
+
+    A supervised contrastive loss (SupCon, Khosla et al. 2020) learns only from the anchors that have a same-class
+    partner in their batch. Random batches of ``B`` from ``C`` balanced classes leave an anchor without one with
+    probability about ``(1 - 1/C)^(B-1)``: nil for 2 classes, 4 % for 10 at ``B = 32``, 20 % for 20, half of them
+    for 50. As the P×K batches of metric learning (Hermans et al., "In Defense of the Triplet Loss for Person
+    Re-Identification", 2017) do, each pass here keeps same-class samples together: it shuffles every class and
+    cuts it into runs of ``per_class`` samples, and spreads each class's runs evenly over the pass (run ``j`` of a
+    class with ``n`` runs sits at ``(j + u) / n``, ``u`` drawn per class). So every batch's mix follows the classes'
+    shares (two balanced classes: 16 and 16 in every batch of 32), no class is used up early, and a class in a batch
+    is there at least twice. Every sample is read once per pass, as with a shuffle; a class's last, shorter run
+    joins the one before it rather than stand alone.
+
+    Under DDP it shards like :class:`LengthGroupedSampler` (whole batches per process, see
+    :meth:`ResumableSampler.shard_batches`), so each process's batch keeps its runs together.
+
+    Args:
+        labels: the class index of every sample of the dataset.
+        batch_size: samples per batch (the loader's).
+        num_replicas, rank: processes and this process's rank (1 and 0 without DDP).
+        seed: shuffling seed; epoch ``e`` uses ``seed + e``.
+        per_class: samples of one class kept together: the fewest of a class in a batch that holds it.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        per_class: int = 2,
+    ) -> None:
+        self.labels = [int(y) for y in labels]
+        super().__init__(len(self.labels), num_replicas=num_replicas, rank=rank, seed=seed)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 2 <= per_class <= batch_size:
+            raise ValueError(f"per_class must be from 2 to batch_size={batch_size}, got {per_class}")
+        self.batch_size, self.per_class = batch_size, per_class
+        self.members = {c: [i for i, y in enumerate(self.labels) if y == c] for c in sorted(set(self.labels))}
+
+    def pass_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        runs: list[tuple[float, list[int]]] = []
+        for members in self.members.values():
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            class_runs = [shuffled[s : s + self.per_class] for s in range(0, len(shuffled), self.per_class)]
+            if len(class_runs) > 1 and len(class_runs[-1]) < self.per_class:
+                class_runs[-2].extend(class_runs.pop())
+            offset = float(torch.rand((), generator=generator))
+            runs += [((j + offset) / len(class_runs), run) for j, run in enumerate(class_runs)]
+        runs.sort(key=lambda keyed: keyed[0])
+        return self.shard_batches([i for _, run in runs for i in run], self.batch_size, generator)
 
 
 def _processes(trainer: Any) -> tuple[int, int]:
@@ -206,13 +273,20 @@ def length_grouped_sampler(lengths: Sequence[int], batch_size: int, trainer: Any
 
 
 def training_sampler(
-    size: int, batch_size: int, trainer: Any, seed: int, lengths: Sequence[int] | None = None
+    size: int,
+    batch_size: int,
+    trainer: Any,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    labels: Sequence[int] | None = None,
 ) -> ResumableSampler:
-    """The training sampler for ``trainer``'s processes: length-grouped batches where ``lengths`` are given,
-    else a :class:`ShuffledSampler`."""
+    """The training sampler for ``trainer``'s processes: class-grouped batches where ``labels`` are given,
+    length-grouped ones where ``lengths`` are, else a :class:`ShuffledSampler`."""
+    world_size, rank = _processes(trainer)
+    if labels is not None:
+        return ClassGroupedSampler(labels, batch_size, num_replicas=world_size, rank=rank, seed=seed)
     if lengths is not None:
         return length_grouped_sampler(lengths, batch_size, trainer, seed)
-    world_size, rank = _processes(trainer)
     return ShuffledSampler(size, num_replicas=world_size, rank=rank, seed=seed)
 
 

@@ -170,7 +170,9 @@ class TextClassificationDataModule(ClassificationDataModule):
     sequence (default: 128, or the model's position limit when smaller; a value above that limit is refused),
     and padded per batch. ``group_by_length`` makes training batches of texts of similar lengths
     (:class:`datamodules.samplers.LengthGroupedSampler`, shuffled between batches and sharded under DDP), which
-    pads far less than random batches.
+    pads far less than random batches. ``group_by_class`` makes training batches that hold each of their classes
+    several times (:class:`datamodules.samplers.ClassGroupedSampler`), so a contrastive loss (``strategy:
+    contrastive``) finds a same-class partner for every sentence even with many classes.
 
     Texts longer than ``max_length`` tokens (special tokens included) follow ``long_text``; a text that fits is
     the tokenizer's own encoding under every setting. ``budget`` is ``max_length`` minus the tokenizer's special
@@ -225,6 +227,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         batch_size: int = 32,
         num_workers: int | None = 0,
         group_by_length: bool = False,
+        group_by_class: bool = False,
         long_text: LongText = "head_tail",
         head_tokens: int | None = None,
         chunk_stride: int | None = None,
@@ -233,7 +236,8 @@ class TextClassificationDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters(ignore=["backbone", "weights"])  # the model logs these
-        self.group_by_length = group_by_length
+        self.check_batch_grouping(group_by_length, group_by_class)
+        self.group_by_length, self.group_by_class = group_by_length, group_by_class
         self.tokenizer, self.max_length = tokenizer, max_length
         self._loaded_tokenizer: tuple[str, Any] | None = None
         self.texts: dict[str, list[str]] = {}
