@@ -11,7 +11,8 @@ pairs, where SetFit's pair sampling pays two encoder passes per pair. The second
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,28 @@ class SupervisedContrastiveLoss(nn.Module):
         per_anchor = torch.log(positives.clamp(min=1).float() + negatives.float() * negative_weight)
         # masked rather than indexed: no host sync on the training step
         return (per_anchor * counted).sum() / counted.sum().clamp(min=1)
+
+
+def lone_anchor_share(labels: Sequence[int], batch_size: int) -> float:
+    """The expected share of examples with no same-class partner in a random batch of ``batch_size`` drawn from
+    ``labels`` (class indices of the training split): SupCon anchors that teach nothing. An example of a class
+    with ``n`` of the ``N`` examples is alone when none of the other ``B - 1`` is of its class,
+    ``C(N - n, B - 1) / C(N - 1, B - 1)`` (without replacement)."""
+    total = len(labels)
+    others = min(batch_size, total) - 1
+    if others <= 0:
+        return 1.0 if total else 0.0
+    alone = 0.0
+    for count in Counter(int(y) for y in labels).values():
+        rest = total - count
+        if rest >= others:  # else every batch holds a partner
+            log_p = _log_comb(rest, others) - _log_comb(total - 1, others)
+            alone += count * math.exp(log_p)
+    return alone / total
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
 def share_rank_zero_buffers(module: nn.Module) -> None:

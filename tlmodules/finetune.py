@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
@@ -19,6 +19,7 @@ from tlmodules.contrastive import (
     embed_split,
     fit_logistic_head,
     gather_in_sample_order,
+    lone_anchor_share,
     share_rank_zero_buffers,
 )
 from tlmodules.errors import ConfigError
@@ -32,6 +33,9 @@ from tlmodules.schedules import (
     layer_lr_multipliers,
     trainable_top_groups,
 )
+
+# warn when more than this share of contrastive anchors would have no same-class partner in a random batch
+LONE_ANCHOR_WARNING = 0.1
 
 
 class FineTuneModule(ClassificationMixin, TransferModule):
@@ -211,6 +215,23 @@ class FineTuneModule(ClassificationMixin, TransferModule):
     def on_fit_start(self) -> None:
         self._late_sync.record(self, wrapped_by_ddp=self.trainer.world_size > 1)
         quiet_eval_mode_warning()
+        if self.contrastive_loss is not None:
+            self._warn_of_lone_anchors()
+
+    def _warn_of_lone_anchors(self) -> None:
+        """SupCon learns nothing from an example without a same-class partner in its batch; with many classes
+        random batches leave most examples so. Say so before the fit, with the fix (class-grouped batches)."""
+        data = self.trainer.datamodule
+        if data is None or getattr(data, "group_by_class", True) or "train" not in getattr(data, "datasets", {}):
+            return
+        share = lone_anchor_share(data.sample_labels("train"), data.batch_size)
+        if share > LONE_ANCHOR_WARNING:
+            rank_zero_warn(
+                f"strategy 'contrastive': about {share:.0%} of the training examples will have no same-class "
+                f"partner in a random batch of {data.batch_size} ({self.num_classes} classes), and the loss learns "
+                f"nothing from them; set group_by_class: true on the datamodule (batches that keep same-class "
+                f"pairs together) or raise batch_size"
+            )
 
     def on_train_start(self) -> None:
         # Resuming from a checkpoint written on an epoch's last batch, Lightning enters the next epoch
