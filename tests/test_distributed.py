@@ -20,14 +20,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from datamodules.samplers import ClassGroupedSampler
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_finetune.py"
 NUM_SAMPLES = 64  # as in the script
+NUM_CLASSES = 3  # tests/scripts/pattern_data.py
+PATTERN_SEED = 1234  # the script's PatternDataModule seed, which seeds its training sampler
 NUM_VAL = 13
 STEPS_PER_EPOCH = NUM_SAMPLES // 2 // 8  # two ranks, batches of 8
 BACKBONE_PARAMS = 10  # SmallBackbone: 3 Linear (weight, bias) + 2 BatchNorm (weight, bias)
@@ -355,13 +360,26 @@ def test_train_py_under_torchrun_ends_with_the_same_weights_on_both_ranks(tmp_pa
 
 
 def test_contrastive_strategy_shards_batches_and_fits_the_head_on_every_rank_s_samples(tmp_path: Path) -> None:
-    """``strategy="contrastive"`` on two processes: each rank's contrastive loss reads its own half of every
-    epoch (so a pair is seen once), the backbone stays identical across ranks, and the head, fitted from both
-    ranks' shards, equals a logistic regression fitted in one process on all 64 training samples."""
-    r0, r1 = run_ddp(tmp_path / "contrastive", "--contrastive")
+    """``strategy="contrastive"`` on two processes, with class-grouped batches: each rank's contrastive loss reads
+    its own half of every epoch (so a pair is seen once) in batches where (nearly) every sample has a same-class
+    partner, the backbone stays identical across ranks, and the head, fitted from both ranks' shards, equals a
+    logistic regression fitted in one process on all 64 training samples."""
+    r0, r1 = run_ddp(tmp_path / "contrastive", "--contrastive", "--group-by-class")
+    assert r0["train_sampler"] == r1["train_sampler"] == "ClassGroupedSampler"  # Lightning kept it
+    labels, alone = r0["train_labels"], 0
     for epoch in range(3):
         a, b = r0["seen"][epoch], r1["seen"][epoch]
         assert not set(a) & set(b) and sorted(a + b) == list(range(NUM_SAMPLES))
+        for rank, shard in enumerate((a, b)):  # each rank read its share of the class-grouped pass
+            sampler = ClassGroupedSampler(labels, 8, num_replicas=2, rank=rank, seed=PATTERN_SEED)
+            sampler.set_epoch(epoch)
+            assert shard == list(sampler)
+            for start in range(0, len(shard), 8):
+                counts = Counter(labels[i] for i in shard[start : start + 8])
+                alone += sum(1 for c in counts.values() if c == 1)
+    # only a class's odd run of three, cut by a batch's edge, can leave a sample alone; random batches of 8 from
+    # 3 classes of about 21 leave C(42, 7) / C(63, 7) = 5 % alone: about 9 of the 3 epochs' 192 samples
+    assert alone <= NUM_CLASSES, f"{alone} samples without a same-class partner in their batch"
     assert r0["head_fit_samples"] == r1["head_fit_samples"] == NUM_SAMPLES
     assert r0["head_fitted_step"] == r0["global_step"] == 3 * STEPS_PER_EPOCH
     # the gap a contrastive_stop_gap reads is averaged over both ranks' batches: every rank sees one value

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--group-by-length", action="store_true", help="length-grouped training batches")
     parser.add_argument("--contrastive", action="store_true", help="strategy='contrastive' (fitted head)")
+    parser.add_argument("--group-by-class", action="store_true", help="class-grouped training batches")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,7 @@ def main() -> None:
     if args.group_by_length:  # pretend sample i has length LENGTHS[i]
         data.group_by_length = True
         data.sample_lengths = lambda stage: LENGTHS
+    data.group_by_class = args.group_by_class
     trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True if args.resume else None)
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -153,6 +155,7 @@ def main() -> None:
             "trainable_epoch": model._trainable_epoch,
             "train_sampler": type(trainer.train_dataloader.sampler).__name__,
             "lengths": LENGTHS,
+            "train_labels": [int(y) for y in data.datasets["train"].labels],
             "head_fit_samples": model.head_fit_samples,
             "head_fitted_step": model._head_fitted_step,
             "global_step": trainer.global_step,
