@@ -249,6 +249,13 @@ CASES = [
         id="contrastive-with-an-mlp-head",
     ),
     pytest.param(
+        Bad(
+            fit(FEW_SHOT, "--data.init_args.group_by_length", "true", "--data.init_args.group_by_class", "true"),
+            r"group_by_length and group_by_class both set: .*keep group_by_class for a contrastive loss",
+        ),
+        id="batches-grouped-by-length-and-by-class",
+    ),
+    pytest.param(
         Bad(fit(DIGITS, "--data.init_args.val_fraction", "1.5"), r"val_fraction must be in \[0, 1\), got 1\.5"),
         id="val-fraction-above-one",
     ),
