@@ -214,8 +214,9 @@ class ClassGroupedSampler(ResumableSampler):
     cuts it into runs of ``per_class`` samples, and spreads each class's runs evenly over the pass (run ``j`` of a
     class with ``n`` runs sits at ``(j + u) / n``, ``u`` drawn per class). So every batch's mix follows the classes'
     shares (two balanced classes: 16 and 16 in every batch of 32), no class is used up early, and a class in a batch
-    is there at least twice. Every sample is read once per pass, as with a shuffle; a class's last, shorter run
-    joins the one before it rather than stand alone.
+    is there at least twice, unless a batch's edge cuts one of its runs (which an odd batch size, or a class's run
+    of three before it, can make happen). Every sample is read once per pass, as with a shuffle; a class's last,
+    shorter run joins the one before it (a run of three) rather than stand alone.
 
     Under DDP it shards like :class:`LengthGroupedSampler` (whole batches per process, see
     :meth:`ResumableSampler.shard_batches`), so each process's batch keeps its runs together.

@@ -22,7 +22,7 @@ from tlmodules.contrastive import (
     lone_anchor_share,
     share_rank_zero_buffers,
 )
-from tlmodules.errors import ConfigError
+from tlmodules.errors import ConfigError, UserError
 from tlmodules.freezing import LateParameterSync, eval_frozen_submodules
 from tlmodules.heads import ClassificationHead, HeadKind, build_head, check_head
 from tlmodules.regularizers import L2SP
@@ -220,11 +220,15 @@ class FineTuneModule(ClassificationMixin, TransferModule):
 
     def _warn_of_lone_anchors(self) -> None:
         """SupCon learns nothing from an example without a same-class partner in its batch; with many classes
-        random batches leave most examples so. Say so before the fit, with the fix (class-grouped batches)."""
+        random batches leave many of them so. Say so before the fit, with the fix (class-grouped batches)."""
         data = self.trainer.datamodule
         if data is None or getattr(data, "group_by_class", True) or "train" not in getattr(data, "datasets", {}):
             return
-        share = lone_anchor_share(data.sample_labels("train"), data.batch_size)
+        try:
+            labels = data.sample_labels("train")
+        except (AttributeError, UserError):  # a datamodule that does not keep per-sample labels: nothing to say
+            return
+        share = lone_anchor_share(labels, data.batch_size)
         if share > LONE_ANCHOR_WARNING:
             rank_zero_warn(
                 f"strategy 'contrastive': about {share:.0%} of the training examples will have no same-class "
