@@ -73,7 +73,7 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             (:meth:`SupervisedContrastiveLoss.floor`; logged as ``train/contrastive_gap``), i.e. once the
             training classes are nearly separated: a budget that follows the data without held-out labels.
             ``max_steps`` still caps the fit, ``min_steps`` still holds it. ``None`` (default): no such stop;
-            on 8 or 16 examples per class (one batch per epoch) it cost 2 to 3 points (docs/finetune.md).
+            on 8 examples per class (one batch per epoch) it cost 2 to 3 points (docs/finetune.md).
     """
 
     def __init__(
