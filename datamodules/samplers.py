@@ -245,7 +245,10 @@ class ClassGroupedSampler(ResumableSampler):
         if not 2 <= per_class <= batch_size:
             raise ValueError(f"per_class must be from 2 to batch_size={batch_size}, got {per_class}")
         self.batch_size, self.per_class = batch_size, per_class
-        self.members = {c: [i for i, y in enumerate(self.labels) if y == c] for c in sorted(set(self.labels))}
+        members: dict[int, list[int]] = {}
+        for i, y in enumerate(self.labels):  # one pass, not one per class: a few hundred classes are common
+            members.setdefault(y, []).append(i)
+        self.members = dict(sorted(members.items()))
 
     def pass_order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
