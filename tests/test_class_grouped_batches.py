@@ -116,20 +116,6 @@ def test_ddp_ranks_get_distinct_grouped_shards_with_the_same_number_of_batches(n
             assert anchors_without_partner([i for batch in full for i in batch], labels, batch_size) <= 2
 
 
-def test_resumes_mid_pass_and_a_cycle_reshuffles_whole_batches() -> None:
-    labels = [i % 3 for i in range(70)]
-    sampler = ClassGroupedSampler(labels, batch_size=8, num_replicas=2, rank=1, seed=2)
-    sampler.set_epoch(1)
-    first = list(sampler)
-    sampler.start_pass(cycle=0, skip=16)
-    assert list(sampler) == first[16:]
-    sampler.start_pass(cycle=1, skip=0)
-    again = list(sampler)
-    as_batches = [tuple(sorted(b)) for b in batches_of(first, 8)]
-    again_batches = [tuple(sorted(b)) for b in batches_of(again, 8)]
-    assert again_batches != as_batches and sorted(again_batches) == sorted(as_batches)
-
-
 @pytest.mark.parametrize("per_class", [1, 33])
 def test_per_class_outside_two_to_batch_size_is_refused(per_class: int) -> None:
     with pytest.raises(ValueError, match="per_class must be from 2 to batch_size=32"):

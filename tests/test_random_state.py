@@ -29,7 +29,7 @@ from datamodules import DigitsDomainDataModule, DomainAdaptationDataModule, Imag
 from datamodules.augment import seed_for_process
 from datamodules.base import ClassificationDataModule
 from datamodules.loaders import ResumableLoader
-from datamodules.samplers import LengthGroupedSampler, ShuffledSampler
+from datamodules.samplers import ClassGroupedSampler, LengthGroupedSampler, ShuffledSampler
 from tlmodules import FineTuneModule
 from tlmodules.random_state import (
     TrainingRandomState,
@@ -159,9 +159,15 @@ def test_shuffled_sampler_shards_like_distributed_sampler_and_cycles_reshuffle_w
         assert set(counts) == set(range(n)) and sum(c - 1 for c in counts.values()) == n % 2  # only padding repeats
 
 
-def test_length_grouped_sampler_resumes_and_cycles_keep_the_batches() -> None:
-    lengths = [random.Random(i).randint(3, 60) for i in range(70)]
-    sampler = LengthGroupedSampler(lengths, batch_size=8, num_replicas=2, rank=1, seed=2, group_batches=2)
+@pytest.mark.parametrize("grouping", ["length", "class"])
+def test_grouped_samplers_resume_and_cycles_keep_the_batches(grouping: str) -> None:
+    """Both batch-grouping samplers (they share ``ResumableSampler.shard_batches``): a pass resumed part-way reads
+    the rest of it, and a re-read in the same epoch reshuffles whole batches, the short one staying last."""
+    if grouping == "length":
+        lengths = [random.Random(i).randint(3, 60) for i in range(70)]
+        sampler = LengthGroupedSampler(lengths, batch_size=8, num_replicas=2, rank=1, seed=2, group_batches=2)
+    else:
+        sampler = ClassGroupedSampler([i % 3 for i in range(70)], batch_size=8, num_replicas=2, rank=1, seed=2)
     sampler.set_epoch(1)
     first = list(sampler)
     sampler.start_pass(cycle=0, skip=16)
