@@ -216,6 +216,11 @@ def main() -> None:
         help="name this invocation's variant: its runs are stored as <method>@<tag> in few_shot_ablations.runs.jsonl "
         "(report: few_shot_ablations.json), apart from the shipped recipes' table",
     )
+    parser.add_argument(
+        "--runs-name",
+        help="store this invocation's runs as few_shot_<NAME>.runs.jsonl (report few_shot_<NAME>.json), apart from "
+        "the table's seeds 0-4: e.g. more seeds of one row, both methods",
+    )
     args = parser.parse_args()
     overrides = json.loads(args.recipe)
     if overrides and not args.tag:
@@ -224,6 +229,13 @@ def main() -> None:
         parser.error("--tag is for variants of tlmodules' recipes: leave setfit out of --methods")
     methods = args.methods or list(RECIPES if args.tag else METHODS)
     runs_file, report_file = (ABLATION_RUNS, ABLATION_REPORT) if args.tag else (RUNS, REPORT)
+    if args.runs_name:
+        if args.tag:
+            parser.error("--runs-name and --tag both choose where runs go: give one")
+        runs_file, report_file = (
+            RESULTS / f"few_shot_{args.runs_name}.runs.jsonl",
+            RESULTS / f"few_shot_{args.runs_name}.json",
+        )
     if not args.report:
         import torch
 
