@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -113,6 +114,18 @@ def label_set(values: Sequence[Any]) -> list[str]:
         return sorted(keys, key=int)
     except ValueError:
         return sorted(keys)
+
+
+# Lightning warns that a validation loader of length zero "across ranks" may not be intended; an empty list is how
+# a datamodule says it has no validation data on purpose, and the CLI's run summary already says so with the fix
+NO_VALIDATION_WARNING = r"Total length of `list` across ranks is zero"
+
+
+def no_validation() -> list[DataLoader]:
+    """No validation loader (an empty list, which Lightning takes as "no validation loop"), without Lightning's
+    warning that this might be a mistake."""
+    warnings.filterwarnings("ignore", message=NO_VALIDATION_WARNING)
+    return []
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -245,7 +258,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         """The validation loader; none (an empty list, which Lightning takes as "no validation") when there is
         no validation data (``val_fraction=0`` and no val file or folder)."""
         if "val" not in self.datasets and self.datasets and not self.has_split("val"):
-            return []
+            return no_validation()
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

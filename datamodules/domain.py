@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from datamodules.base import no_validation
 from datamodules.tables import DataError
 
 
@@ -153,7 +154,7 @@ class DomainAdaptationDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per domain with validation data; none (no validation loop) when neither side has any."""
         loaders, self.val_domains = self._per_domain("val", required=False)
-        return loaders
+        return loaders or no_validation()
 
     def test_dataloader(self) -> list[DataLoader]:
         loaders, self.test_domains = self._per_domain("test")

@@ -6,6 +6,7 @@ The two-process run lives in tests/test_distributed.py (``--contrastive``).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -330,7 +331,13 @@ def test_the_run_summary_says_why_a_small_fit_has_no_validation(
         callbacks=[RunSummary()],
         enable_checkpointing=False,
     )
-    trainer.fit(contrastive_model(tiny_hf_dir), datamodule=few_label_data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(contrastive_model(tiny_hf_dir), datamodule=few_label_data)
     note = json.loads((Path(trainer.log_dir) / SUMMARY_FILE).read_text())["validation_note"]
     assert "24 training samples" in note and "val_fraction" in note
     assert f"Note: {note}." in capsys.readouterr().out
+    # the note says it once, with the fix; Lightning's "is this your intention?" about the empty loader list is not
+    # repeated beside it, and no validation ran
+    assert not [w for w in caught if "across ranks is zero" in str(w.message)]
+    assert sum(trainer.num_val_batches) == 0
