@@ -32,6 +32,11 @@ Ablations: ``--recipe`` takes JSON overrides of the recipes' ``model`` / ``data`
 ``<method>@<tag>`` (report ``few_shot_ablations.json``), so they never enter the shipped recipes' table:
 
     python bench/few_shot.py --ks 64 --methods contrastive --tag batch64 --recipe '{"data": {"batch_size": 64}}'
+
+More seeds of a row, SetFit included, outside the table's seeds 0–4: ``--runs-name NAME`` stores the runs as
+``few_shot_<NAME>.runs.jsonl`` (report ``few_shot_<NAME>.json``):
+
+    python bench/few_shot.py --sets sst2 --ks 64 --seeds 5 6 7 8 9 --methods contrastive setfit --runs-name seeds5to9
 """
 
 from __future__ import annotations
