@@ -123,6 +123,40 @@ def test_fitted_logistic_head_reproduces_scikit_learn_on_normalised_features() -
     assert probs[:, 3].max() < 1e-6
 
 
+def test_balanced_class_weights_change_nothing_on_balanced_labels() -> None:
+    torch.manual_seed(0)
+    features, labels = torch.randn(40, 6), torch.arange(40) % 2
+    balanced, unweighted = nn.Linear(6, 2), nn.Linear(6, 2)
+    with torch.no_grad():
+        fit_logistic_head(balanced, features, labels, num_classes=2, seed=0)  # the default: "balanced"
+        fit_logistic_head(unweighted, features, labels, num_classes=2, seed=0, class_weight=None)
+    assert torch.allclose(balanced.weight, unweighted.weight, atol=1e-6)
+    assert torch.allclose(balanced.bias, unweighted.bias, atol=1e-6)
+
+
+def test_balanced_class_weights_keep_a_rare_class_from_being_swamped() -> None:
+    """56 examples of one class, 8 of another, separable but not far apart on the unit sphere: the unweighted fit
+    predicts the rare class for hardly any of its test examples, the balanced one for most."""
+    g = torch.Generator().manual_seed(0)
+
+    def draw(common: int, rare: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(common + rare, 16, generator=g) * 0.5
+        x[:common, 0] += 1.0
+        x[common:, 1] += 1.0
+        return x, torch.tensor([0] * common + [1] * rare)
+
+    (train_x, train_y), (test_x, test_y) = draw(56, 8), draw(200, 200)
+    recall = {}
+    for class_weight in ("balanced", None):
+        layer = nn.Linear(16, 2)
+        with torch.no_grad():
+            fit_logistic_head(layer, train_x, train_y, num_classes=2, seed=0, class_weight=class_weight)
+            predicted = layer(F.normalize(test_x, dim=-1)).argmax(-1)
+        recall[class_weight] = [(predicted[test_y == c] == c).float().mean().item() for c in (0, 1)]
+    assert recall[None][1] < 0.3 and recall["balanced"][1] > 0.7
+    assert sum(recall["balanced"]) > sum(recall[None]) + 0.3  # balanced accuracy, doubled
+
+
 # -- the strategy, end to end on the tiny BERT ------------------------------------------------------------------
 def sentences(tiny_hf_dir: Path, make_text_file, n: int = 24, **files: Path) -> TextClassificationDataModule:
     """``n`` training sentences (half per class; below 500, so no validation split is taken unless asked) and
@@ -292,11 +326,39 @@ def test_contrastive_refits_the_head_before_each_validation(tiny_hf_dir: Path, m
     assert fitted_at == [3, 6]
 
 
+@pytest.mark.parametrize("class_weight", ["balanced", None])
+def test_contrastive_head_follows_contrastive_class_weight(
+    class_weight: str | None, tiny_hf_dir: Path, make_text_file, tmp_path: Path
+) -> None:
+    """On 18 sentences of one class and 4 of the other the head is scikit-learn's logistic regression with the
+    module's class weights, on the final training features."""
+    table = make_text_file("all.tsv", n=36).read_text().splitlines()
+    rare = [line for line in table[1:] if line.endswith("\tpos")][:4]
+    (tmp_path / "train.tsv").write_text("\n".join([table[0], *[x for x in table[1:] if x.endswith("\tneg")], *rare]))
+    data = TextClassificationDataModule(
+        train_file=str(tmp_path / "train.tsv"), backbone=f"hf:{tiny_hf_dir}", max_length=16, batch_size=8
+    )
+    model = FineTuneModule(
+        backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", lr=1e-3, contrastive_class_weight=class_weight
+    )
+    make_trainer(max_steps=2, max_epochs=None, default_root_dir=tmp_path).fit(model, datamodule=data)
+    features, labels = training_features(model, data)
+    assert labels.tolist().count(1) == 4 and labels.tolist().count(0) == 18
+    x = F.normalize(features, dim=-1).double().numpy()
+    for weight in ("balanced", None):
+        reference = LogisticRegression(max_iter=2000, class_weight=weight).fit(x, labels.numpy())
+        expected = torch.from_numpy(reference.predict_proba(x)).float()
+        matches = torch.allclose(model.head(features).softmax(-1), expected, atol=1e-4)
+        assert matches == (weight == class_weight)
+
+
 def test_contrastive_needs_a_linear_head_and_a_datamodule(tiny_hf_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="head: linear"):
         FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", head="mlp")
     with pytest.raises(ConfigError, match="contrastive_temperature"):
         FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", contrastive_temperature=0.0)
+    with pytest.raises(ConfigError, match="contrastive_class_weight must be 'balanced' or null"):
+        FineTuneModule(backbone=f"hf:{tiny_hf_dir}", strategy="contrastive", contrastive_class_weight="inverse")
     model = FineTuneModule(backbone="builtin:lenet", weights="none", strategy="contrastive", num_classes=2)
     images = torch.randn(8, 3, 28, 28)
     loader = torch.utils.data.DataLoader([{"inputs": x, "labels": i % 2} for i, x in enumerate(images)], batch_size=4)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tlmodules.estimators import fit_estimator, linear_head_parameters, make_estimator
+
+ClassWeight = Literal["balanced"] | None  # the fitted head's class weights (scikit-learn's ``class_weight``)
+CLASS_WEIGHTS = ("balanced", None)
 
 
 class SupervisedContrastiveLoss(nn.Module):
@@ -124,11 +127,24 @@ def embed_split(backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> tuple
     return torch.cat(features), torch.cat(labels), torch.cat(indices).long()
 
 
-def fit_logistic_head(layer: nn.Linear, features: Tensor, labels: Tensor, num_classes: int, seed: int) -> None:
-    """Fit scikit-learn's logistic regression (defaults, as SetFit) on L2-normalised ``features`` ``(N, F)`` and
-    copy it into ``layer`` (``Linear(F, num_classes)``): its logits then equal the estimator's decision function.
-    A class missing from ``labels`` gets a bias that keeps it from being predicted."""
-    estimator = fit_estimator(make_estimator("logistic_regression", seed=seed), F.normalize(features, dim=-1), labels)
+def fit_logistic_head(
+    layer: nn.Linear,
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    seed: int,
+    class_weight: ClassWeight = "balanced",
+) -> None:
+    """Fit scikit-learn's logistic regression (its defaults, as SetFit, but for ``class_weight``) on L2-normalised
+    ``features`` ``(N, F)`` and copy it into ``layer`` (``Linear(F, num_classes)``): its logits then equal the
+    estimator's decision function. A class missing from ``labels`` gets a bias that keeps it from being predicted.
+
+    ``class_weight="balanced"`` weighs each example of class ``c`` by ``N / (C · n_c)``. With balanced labels every
+    weight is 1 and the fit is the unweighted one. With a few examples of one class among many of another, the
+    unweighted fit's L2 penalty (``C = 1`` on unit-norm features) outweighs the minority's few terms and the head
+    can predict the majority class for every input; ``None`` keeps the unweighted fit (SetFit's)."""
+    estimator = make_estimator("logistic_regression", {"class_weight": class_weight}, seed=seed)
+    estimator = fit_estimator(estimator, F.normalize(features, dim=-1), labels)
     weight, bias = linear_head_parameters(estimator, num_classes)
     layer.weight.copy_(weight.to(layer.weight))
     layer.bias.copy_(bias.to(layer.bias))

@@ -15,6 +15,8 @@ from tlmodules.backbones import Backbone, TransformerBackbone, build_backbone
 from tlmodules.base import OptimizerName, ParamGroup, TransferModule, quiet_eval_mode_warning, unpack_batch
 from tlmodules.classification import ClassificationMixin
 from tlmodules.contrastive import (
+    CLASS_WEIGHTS,
+    ClassWeight,
     SupervisedContrastiveLoss,
     embed_split,
     fit_logistic_head,
@@ -74,6 +76,11 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             training classes are nearly separated: a budget that follows the data without held-out labels.
             ``max_steps`` still caps the fit, ``min_steps`` still holds it. ``None`` (default): no such stop;
             on 8 examples per class (one batch per epoch) it cost 2 to 3 points (docs/finetune.md).
+        contrastive_class_weight: under ``strategy="contrastive"``, the fitted head's class weights:
+            ``"balanced"`` (default) weighs each class by ``N / (C · n_c)``, which changes nothing when the classes
+            are balanced and keeps a class with few examples from being swamped by the others (an unweighted head
+            on 8 against 56 examples can predict the majority class for everything); ``None``: unweighted, as
+            SetFit (:func:`tlmodules.contrastive.fit_logistic_head`).
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         pretrained: bool = True,
         contrastive_temperature: float = 0.07,
         contrastive_stop_gap: float | None = None,
+        contrastive_class_weight: ClassWeight = "balanced",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -129,6 +137,10 @@ class FineTuneModule(ClassificationMixin, TransferModule):
             raise ConfigError(
                 f"contrastive_stop_gap must be positive (or null for no stop on the training loss), "
                 f"got {contrastive_stop_gap}"
+            )
+        if contrastive_class_weight not in CLASS_WEIGHTS:
+            raise ConfigError(
+                f"contrastive_class_weight must be 'balanced' or null (unweighted), got {contrastive_class_weight!r}"
             )
         self.contrastive_loss = (
             SupervisedContrastiveLoss(contrastive_temperature) if strategy == "contrastive" else None
@@ -319,7 +331,14 @@ class FineTuneModule(ClassificationMixin, TransferModule):
         self.train(was_training)
         features, labels = gather_in_sample_order(features, labels, index)
         with torch.no_grad():
-            fit_logistic_head(self.head.net[-1], features, labels.to(features.device), self.num_classes, seed=0)
+            fit_logistic_head(
+                self.head.net[-1],
+                features,
+                labels.to(features.device),
+                self.num_classes,
+                seed=0,
+                class_weight=self.hparams.contrastive_class_weight,
+            )
         self._head_fitted_step = trainer.global_step
         return len(labels)
 
