@@ -256,6 +256,23 @@ CASES = [
         id="batches-grouped-by-length-and-by-class",
     ),
     pytest.param(
+        Bad(
+            fit(FEW_SHOT, "--model.init_args.contrastive_class_weight", "inverse"),
+            r"contrastive_class_weight: got 'inverse', expected one of 'balanced' or null",
+        ),
+        id="optional-choice-on-the-command-line",
+    ),
+    pytest.param(
+        Bad(
+            fit_with(
+                FEW_SHOT,
+                lambda env: ["--config", env.write("mine.yaml", "model:\n  init_args:\n    layer_decay: steep\n")],
+            ),
+            r"layer_decay: got 'steep', expected a number or null",
+        ),
+        id="optional-number-in-yaml",
+    ),
+    pytest.param(
         Bad(fit(DIGITS, "--data.init_args.val_fraction", "1.5"), r"val_fraction must be in \[0, 1\), got 1\.5"),
         id="val-fraction-above-one",
     ),

@@ -7,11 +7,13 @@ in it that matters (``Option 'lrr' is not accepted``) is rewritten here into ``<
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -36,6 +38,10 @@ _CLASS_PATH = re.compile(r"^(-\s*)?Problem with given class_path '([^']+)':\s*(.
 _REPORT_MARKERS = ("Parser key", "Union subtypes", "class_path", "does not accept option", "Expected a")
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted$")
 _EXPECTED = re.compile(r"^Expected an? (.+?)\. Got value: (.*)$")
+# a union type's report (an optional argument: ``Literal[...] | None``, ``float | None``) lists what each member
+# expected and the given value on lines of their own
+_UNION_MEMBER = re.compile(r"^-\s*Expected an? (.+)$")
+_GIVEN_VALUE = re.compile(r"^Given value: (?:NestedArg\(key='[^']*', val=(.*)\)|(.*))$")  # command line | YAML
 
 
 class CommandLineError(UserError):
@@ -48,10 +54,18 @@ def describe_type(expected: str) -> str:
     if literal:
         return f"one of {literal.group(1)}"
     simple = re.fullmatch(r"<class '(\w+)'>", expected)
-    names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+    names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "NoneType": "null"}
     if simple:
         return names.get(simple.group(1), f"a {simple.group(1)}")
     return expected
+
+
+def _literal(text: str) -> Any:
+    """A Python literal's value (``'inverse'`` → ``inverse``); the text itself when it is not one."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def class_arguments(class_path: str) -> list[str]:
@@ -77,8 +91,15 @@ def simplify_parser_message(message: str, subcommand: str | None = None) -> str:
     keys: list[str] = []
     class_path = None
     details: list[str] = []
+    union_members: list[str] = []
+    given = None
     for raw in message.splitlines():
         line = raw.strip()
+        member, value = _UNION_MEMBER.match(line), _GIVEN_VALUE.match(line)
+        if member and ". Got value: " not in line and member.group(1) not in union_members:
+            union_members.append(member.group(1))
+        if value and given is None:  # the innermost report comes first; outer ones repeat the whole block
+            given = _literal(value.group(1)) if value.group(1) is not None else value.group(2)
         if not line or _NOISE.match(line):
             continue
         match = _PARSER_KEY.match(line)
@@ -108,6 +129,8 @@ def simplify_parser_message(message: str, subcommand: str | None = None) -> str:
             detail += f" (its arguments: {', '.join(accepted)})"
     elif expected:
         detail = f"got {expected.group(2)!r}, expected {describe_type(expected.group(1))}"
+    elif len(union_members) > 1 and given is not None and detail.startswith("Expected a"):
+        detail = f"got {given!r}, expected " + " or ".join(describe_type(m) for m in union_members)
     elif len(details) > 1 and not keys:
         detail = ": ".join(details)
     while keys and keys[-1] == "init_args":
