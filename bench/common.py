@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import subprocess
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +123,22 @@ def commit() -> str:
         return done.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def start_offline_runs(threads: int) -> dict[str, Any]:
+    """Set up this process for benchmark runs of the MiniLM recipes: Hugging Face offline (the model is on disk),
+    no tokenizer threads beside torch's, ``threads`` torch threads. Returns the stamp every run line carries."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+    return {"commit": commit(), "date": date.today().isoformat(), "threads": threads}
+
+
+def append_run(runs_file: Path, run: dict[str, Any]) -> None:
+    """Print one finished run and append it to ``runs_file`` (JSON lines), so an interrupted sweep keeps it."""
+    print(json.dumps(run), flush=True)
+    runs_file.parent.mkdir(parents=True, exist_ok=True)
+    with runs_file.open("a") as handle:
+        handle.write(json.dumps(run) + "\n")

@@ -43,13 +43,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +58,12 @@ from bench.common import (  # noqa: E402
     ROOT,
     SHARED,
     Row,
-    commit,
+    append_run,
     cpu_model,
     quiet_trainer,
     read_tsv,
     recipe_arguments,
+    start_offline_runs,
     write_tsv,
 )
 
@@ -242,12 +241,7 @@ def main() -> None:
             RESULTS / f"few_shot_{args.runs_name}.json",
         )
     if not args.report:
-        import torch
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(args.threads)
-        stamp = {"commit": commit(), "date": date.today().isoformat(), "threads": args.threads}
+        stamp = start_offline_runs(args.threads)
         for name in args.sets:
             pool, test = pool_and_test(name)
             for k in args.ks:
@@ -269,10 +263,7 @@ def main() -> None:
                                    "seconds": round(seconds, 1), **stamp}  # fmt: skip
                             if overrides:
                                 run["recipe"] = overrides
-                            print(json.dumps(run), flush=True)
-                            runs_file.parent.mkdir(parents=True, exist_ok=True)
-                            with runs_file.open("a") as handle:
-                                handle.write(json.dumps(run) + "\n")
+                            append_run(runs_file, run)
     summary = report(runs_file)
     report_file.write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)

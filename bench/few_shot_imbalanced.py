@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +40,11 @@ from bench.common import (  # noqa: E402
     ROOT,
     SHARED,
     Row,
-    commit,
+    append_run,
     cpu_model,
     quiet_trainer,
     recipe_arguments,
+    start_offline_runs,
     write_tsv,
 )
 
@@ -178,12 +177,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the runs file")
     args = parser.parse_args()
     if not args.report:
-        import torch
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(args.threads)
-        stamp = {"commit": commit(), "date": date.today().isoformat(), "threads": args.threads}
+        stamp = start_offline_runs(args.threads)
         for name in args.sets:
             pool, test = pool_and_test(name)
             for seed in args.seeds:
@@ -192,10 +186,7 @@ def main() -> None:
                     result = run(name, train, test, Path(scratch))
                 rounded = {head: {m: round(v, 4) for m, v in metrics.items()} for head, metrics in result.items()}
                 line = {"set": name, "counts": f"{args.rare}:{args.common}", "seed": seed, "scores": rounded, **stamp}
-                print(json.dumps(line), flush=True)
-                RUNS.parent.mkdir(parents=True, exist_ok=True)
-                with RUNS.open("a") as handle:
-                    handle.write(json.dumps(line) + "\n")
+                append_run(RUNS, line)
     summary = report()
     REPORT.write_text(json.dumps(summary, indent=2) + "\n")
     print_table(summary)
